@@ -22,7 +22,6 @@ from .models import BitmapInfo, BlockNode, JobInfo
 from .transport import EventHub, EventListener, QmpEvent, QmpTransport, parse_reply
 
 __all__ = [
-    "OWNER_PREFIX",
     "BitmapError",
     "BitmapInfo",
     "BlockJob",
@@ -35,6 +34,7 @@ __all__ = [
     "JobInfo",
     "JobTimeoutError",
     "JobTracker",
+    "OWNER_PREFIX",
     "QmpCommandError",
     "QmpEvent",
     "QmpTransport",

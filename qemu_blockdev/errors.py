@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 
 class BlockdevError(Exception):
     """Root of every error raised by qemu_blockdev."""
@@ -30,13 +32,26 @@ class QmpCommandError(BlockdevError):
     :param command: the QMP command name
     :param error_class: QEMU's error class (``GenericError``, ``DeviceNotFound`` ...)
     :param desc: QEMU's own description, kept verbatim
+    :param subject: what the command was about (job id, node), because QEMU's
+        text often omits it ("Job not found")
     """
 
-    def __init__(self, command: str, error_class: str, desc: str) -> None:
-        super().__init__(f"{command}: {desc} ({error_class})")
+    def __init__(self, command: str, error_class: str, desc: str, subject: str | None = None) -> None:
+        about = f" [{subject}]" if subject else ""
+        super().__init__(f"{command}{about}: {desc} ({error_class})")
         self.command = command
+        self.subject = subject
         self.error_class = error_class
         self.desc = desc
+
+
+def command_subject(arguments: object) -> str | None:
+    """The identifiers in a command's arguments that a reader needs to see."""
+    if not isinstance(arguments, Mapping):
+        return None
+    keys = ("id", "job-id", "device", "node", "node-name", "name")
+    parts = [f"{k}={arguments[k]}" for k in keys if isinstance(arguments.get(k), str)]
+    return " ".join(parts) or None
 
 
 class JobError(BlockdevError):

@@ -11,10 +11,10 @@ import contextlib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from qemu.qmp import ConnectError, EventListener as QmpEventListener, ExecInterruptedError
-from qemu.qmp import ExecuteError, QMPClient, QMPError, Runstate
+from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, QMPError, Runstate
+from qemu.qmp import EventListener as QmpEventListener
 
-from .errors import QmpCommandError, TransportError
+from .errors import QmpCommandError, TransportError, command_subject
 from .transport import EventFilter, EventHub, EventListener, QmpEvent
 
 
@@ -55,9 +55,10 @@ class QmpSocketTransport:
 
     async def _pump_events(self, listener: QmpEventListener) -> None:
         async for msg in listener:
-            ts = msg.get("timestamp", {})
+            ts: Any = msg.get("timestamp") or {}
+            data: Any = msg.get("data") or {}
             stamp = float(ts.get("seconds", 0)) + float(ts.get("microseconds", 0)) / 1e6
-            self._hub.dispatch(QmpEvent(str(msg["event"]), dict(msg.get("data", {})), stamp))
+            self._hub.dispatch(QmpEvent(str(msg["event"]), dict(data), stamp))
 
     async def _watch_state(self) -> None:
         # A monitor that goes away must end every waiting listener, or a job
@@ -74,7 +75,7 @@ class QmpSocketTransport:
         try:
             return await self._client.execute(command, arguments)
         except ExecuteError as e:
-            raise QmpCommandError(command, e.error_class, str(e)) from e
+            raise QmpCommandError(command, e.error_class, str(e), command_subject(arguments)) from e
         except ExecInterruptedError as e:
             raise TransportError(f"{command}: QMP connection to {self.path} lost") from e
         except QMPError as e:
@@ -94,7 +95,7 @@ class QmpSocketTransport:
         for task in (self._pump, self._watch):
             if task is not None:
                 task.cancel()
-        with contextlib.suppress(QMPError, OSError):
+        with contextlib.suppress(QMPError, OSError, EOFError):
             await self._client.disconnect()
         for task in (self._pump, self._watch):
             if task is not None:

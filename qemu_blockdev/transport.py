@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .errors import QmpCommandError, TransportError
+from .errors import QmpCommandError, TransportError, command_subject
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +107,7 @@ class QmpTransport(Protocol):
         ...
 
 
-def parse_reply(command: str, reply: Any) -> Any:
+def parse_reply(command: str, reply: Any, arguments: Mapping[str, Any] | None = None) -> Any:
     """Check a raw QMP reply dict and return its ``return`` value.
 
     Used by transports that see the wire JSON themselves (libvirt passthrough,
@@ -123,7 +123,7 @@ def parse_reply(command: str, reply: Any) -> Any:
         if not isinstance(err, Mapping):
             raise TransportError(f"{command}: malformed QMP error: {err!r:.200}")
         error_class = str(err.get("class", "GenericError"))
-        raise QmpCommandError(command, error_class, str(err.get("desc", "")))
+        raise QmpCommandError(command, error_class, str(err.get("desc", "")), command_subject(arguments))
     if "return" not in reply:
         raise TransportError(f"{command}: malformed QMP reply (no return): {reply!r:.200}")
     return reply["return"]
