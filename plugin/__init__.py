@@ -1,0 +1,1 @@
+"""virtsync: replication, journal and mobility for libvirt/QEMU domains."""
