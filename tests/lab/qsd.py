@@ -18,12 +18,18 @@ QSD = shutil.which("qemu-storage-daemon") or "/usr/bin/qemu-storage-daemon"
 
 @dataclass
 class StorageDaemon:
-    """One qemu-storage-daemon; ``extra_args`` go on its command line (objects)."""
+    """One qemu-storage-daemon; ``extra_args`` go on its command line (objects).
+
+    With ``netns`` (a lab host's network namespace) it runs under ``ip netns
+    exec``, so its NBD server listens on that host's addresses; ``ip netns
+    exec`` execs, so :attr:`proc` is the daemon itself.
+    """
 
     workdir: str
     name: str = "qsd"
     extra_args: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
+    netns: str | None = None
 
     @property
     def qmp_path(self) -> str:
@@ -38,6 +44,8 @@ class StorageDaemon:
             os.unlink(self.qmp_path)
         argv = [QSD, "--chardev", f"socket,id=vs-mon,path={self.qmp_path},server=on,wait=off",
                 "--monitor", "chardev=vs-mon", *self.extra_args]
+        if self.netns is not None:
+            argv = ["ip", "netns", "exec", self.netns, *argv]
         self.proc = procs.spawn(argv, log_path=self.log_path)
         procs.wait_for_path(self.qmp_path, 10, self.proc)
 
