@@ -1,0 +1,594 @@
+"""``virtsync``: the command-line front end. It only talks to the daemon over :mod:`plugin.ipc`.
+
+Every subcommand validates its arguments before anything is sent (bad usage: one line on
+stderr, exit 2), sends one request named like the subcommand, and prints the result as a
+table or, with ``--json``, as stable JSON. Errors print ``TypeName: message`` and exit with
+the error's ``exit_code`` (DESIGN.md §3): 0 ok, 1 failed, 2 bad usage or config, 130 on ^C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import sys
+import tomllib
+import traceback
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, ClassVar, NoReturn, TextIO
+
+from plugin import ipc
+from plugin.errors import ConfigError, PluginError
+
+__all__ = ["COMMANDS", "Command", "ProgressRenderer", "main"]
+
+DEFAULT_CONFIG = "/etc/virtsync/virtsync.toml"
+DEFAULT_SOCKET = "/run/virtsync/agent.sock"
+#: Per-line timeout of a request; a streaming daemon must send progress more often than this.
+REQUEST_TIMEOUT = 30.0
+MAX_RPO = 7 * 86400          # Protection.rpo's upper bound
+MAX_NAME = 255               # libvirt domain names: keep them file-name sized
+MAX_LABEL = 128
+#: Error lines are cut here, so a huge argument cannot flood the terminal.
+MAX_ERROR_LINE = 400
+
+log = logging.getLogger("virtsync.cli")
+
+
+# ----------------------------------------------------------------------------- text helpers
+
+def one_line(text: str, limit: int = MAX_ERROR_LINE) -> str:
+    """Escape control characters (and lone surrogates from undecodable argv) and cut to ``limit``."""
+    out = "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                  for c in text)
+    return out if len(out) <= limit else out[:limit - 3] + "..."
+
+
+def _shown(value: str) -> str:
+    """A user value quoted for an error message, short enough to read."""
+    return repr(one_line(value, 40))
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def human_bytes(value: object) -> str:
+    """1536 -> '1.5 KiB'; anything not a number -> '-'."""
+    n = _number(value)
+    if n is None:
+        return "-"
+    if abs(n) < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        n /= 1024
+        if abs(n) < 1024 or unit == "PiB":
+            break
+    return f"{n:.1f} {unit}"
+
+
+def human_rate(value: object) -> str:
+    return "-" if _number(value) is None else human_bytes(value) + "/s"
+
+
+def human_duration(value: object) -> str:
+    """3.4 -> '3.4 s', 754 -> '12m34s', 7300 -> '2h01m', 200000 -> '2d07h'."""
+    s = _number(value)
+    if s is None:
+        return "-"
+    if s < 60:
+        return f"{s:.1f} s"
+    whole = int(s)
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
+
+
+def _cell(value: object) -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return one_line(str(value), 80)
+
+
+def _time(value: object) -> str:
+    t = _number(value)
+    if t is None:
+        return "-"
+    try:
+        return datetime.fromtimestamp(t, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return "-"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "") -> list[str]:
+    """Left-aligned columns, two spaces apart; the last column is not padded."""
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    lines = []
+    for row in [list(headers), *rows]:
+        cells = [c.ljust(w) for c, w in zip(row, widths, strict=True)]
+        lines.append((indent + "  ".join(cells)).rstrip())
+    return lines
+
+
+def _dicts(value: object) -> list[dict[str, Any]]:
+    """The dict items of a list from the daemon; anything else is dropped rather than crashing."""
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def _field(result: object, key: str) -> object:
+    return result.get(key) if isinstance(result, dict) else None
+
+
+class ProgressRenderer:
+    """Progress items ``{"target", "bytes_done", "bytes_total", "rate_bps"}`` on stderr.
+
+    On a terminal one line is redrawn in place; in a log or pipe a line is written per
+    target each time it passes another 10 %, so logs stay short.
+    """
+
+    BAR = 20
+
+    def __init__(self, stream: TextIO, tty: bool | None = None) -> None:
+        self.stream = stream
+        self.tty = stream.isatty() if tty is None else tty
+        self._deciles: dict[str, int] = {}
+        self._line_open = False
+
+    def __call__(self, item: object) -> None:
+        # The stream's last item is the final result, repeated as progress (ipc.py): skip it.
+        if not isinstance(item, dict) or "bytes_done" not in item:
+            return
+        target = _cell(item.get("target"))
+        done = _number(item.get("bytes_done")) or 0.0
+        total = _number(item.get("bytes_total")) or 0.0
+        fraction = min(max(done / total, 0.0), 1.0) if total > 0 else None
+        if fraction is None:
+            text = f"{target}: {human_bytes(done)} {human_rate(item.get('rate_bps'))}"
+        else:
+            filled = int(fraction * self.BAR)
+            bar = "#" * filled + "." * (self.BAR - filled)
+            text = (f"{target}: [{bar}] {fraction * 100:5.1f}% {human_bytes(done)} / {human_bytes(total)} "
+                    f"{human_rate(item.get('rate_bps'))}")
+        if self.tty:
+            self.stream.write("\r" + text + "\x1b[K")   # carriage return, then clear the old tail
+            self._line_open = True
+        else:
+            decile = int(fraction * 10) if fraction is not None else 0
+            if target in self._deciles and decile <= self._deciles[target]:
+                return
+            self._deciles[target] = decile
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self._line_open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._line_open = False
+
+
+# ----------------------------------------------------------------------------- argument types
+
+def _name(what: str) -> Callable[[str], str]:
+    """Validator for domain, peer and segment names."""
+    def check(value: str) -> str:
+        if not value:
+            raise argparse.ArgumentTypeError(f"{what} name must not be empty")
+        if len(value) > MAX_NAME:
+            raise argparse.ArgumentTypeError(f"{what} name is too long ({len(value)} characters, at most {MAX_NAME})")
+        if not value.isprintable():
+            raise argparse.ArgumentTypeError(f"{what} name {_shown(value)} contains control or undecodable characters")
+        if "/" in value:
+            raise argparse.ArgumentTypeError(f"{what} name {_shown(value)} must not contain '/'")
+        return value
+    check.__name__ = f"{what} name"
+    return check
+
+
+def _rpo(value: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,7}", value) or not 1 <= int(value) <= MAX_RPO:
+        raise argparse.ArgumentTypeError(f"must be a whole number of seconds from 1 to {MAX_RPO}, not {_shown(value)}")
+    return int(value)
+
+
+def _label(value: str) -> str:
+    if len(value) > MAX_LABEL:
+        raise argparse.ArgumentTypeError(f"label is too long ({len(value)} characters, at most {MAX_LABEL})")
+    if not value.isprintable():
+        raise argparse.ArgumentTypeError(f"label {_shown(value)} contains control or undecodable characters")
+    return value
+
+
+def _path(value: str) -> str:
+    if not value or "\0" in value:
+        raise argparse.ArgumentTypeError("must be a non-empty path")
+    return value
+
+
+# ----------------------------------------------------------------------------- parser
+
+class _UsageError(Exception):
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class _ParserExitError(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of calling sys.exit, so main() returns the code."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(self.prog, message)
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            self._print_message(message, sys.stderr)
+        raise _ParserExitError(status)
+
+
+def _add_global_options(parser: argparse.ArgumentParser, *, in_subcommand: bool) -> None:
+    """The global options, accepted before or after the subcommand.
+
+    In a subcommand they default to SUPPRESS so an absent option does not overwrite the
+    value given before the subcommand.
+    """
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if in_subcommand else value
+
+    parser.add_argument("--config", metavar="FILE", type=_path, default=default(None),
+                        help=f"configuration file (env VIRTSYNC_CONFIG; default {DEFAULT_CONFIG})")
+    parser.add_argument("--socket", metavar="PATH", type=_path, default=default(None),
+                        help=f"daemon socket (env VIRTSYNC_SOCKET, else [agent] socket, else {DEFAULT_SOCKET})")
+    parser.add_argument("--json", action="store_true", default=default(False), help="print the result as JSON")
+    parser.add_argument("--debug", action="store_true", default=default(False),
+                        help="debug logging and tracebacks on errors")
+
+
+def _socket_from_config(path: str, explicit: bool) -> str | None:
+    """``[agent] socket`` of the config file; the CLI needs nothing else from it.
+
+    An unreadable or broken file is ignored (the daemon reports it): a user in the virtsync
+    group usually cannot read /etc/virtsync, and the default socket is then right.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"config file {path} not found") from None
+        return None
+    except (OSError, ValueError) as e:   # TOMLDecodeError and UnicodeDecodeError are ValueErrors
+        log.debug("ignoring config %s: %s", path, e)
+        return None
+    agent = data.get("agent")
+    value = agent.get("socket") if isinstance(agent, dict) else None
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise ConfigError(f"[agent] socket in {path} must be a non-empty path")
+    return value
+
+
+def resolve_socket(args: argparse.Namespace) -> str:
+    """--socket, then $VIRTSYNC_SOCKET, then ``[agent] socket`` in the config, then the default."""
+    if args.socket:
+        return str(args.socket)
+    env = os.environ.get("VIRTSYNC_SOCKET")
+    if env:
+        return env
+    config = args.config or os.environ.get("VIRTSYNC_CONFIG") or DEFAULT_CONFIG
+    explicit = bool(args.config or os.environ.get("VIRTSYNC_CONFIG"))
+    return _socket_from_config(config, explicit) or DEFAULT_SOCKET
+
+
+# ----------------------------------------------------------------------------- commands
+
+class Command:
+    """One subcommand: its arguments, the request it sends, and how it prints the result."""
+
+    name: ClassVar[str]
+    help: ClassVar[str]
+
+    def register(self, subparsers: argparse._SubParsersAction[_Parser]) -> argparse.ArgumentParser:
+        parser = subparsers.add_parser(self.name, help=self.help, description=self.help)
+        _add_global_options(parser, in_subcommand=True)
+        self.add_arguments(parser)
+        parser.set_defaults(command=self)
+        return parser
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Subcommand arguments; none by default."""
+
+    def request_args(self, args: argparse.Namespace) -> dict[str, Any]:
+        """The ``args`` of the request; keys match the long options in snake_case."""
+        return {}
+
+    def run(self, args: argparse.Namespace) -> int:
+        progress = ProgressRenderer(sys.stderr) if getattr(args, "wait", False) else None
+        try:
+            result = ipc.request(args.socket, self.name, self.request_args(args),
+                                 timeout=REQUEST_TIMEOUT, on_progress=progress)
+        finally:
+            if progress is not None:
+                progress.close()
+        if args.json:
+            print(json.dumps(result, sort_keys=True, indent=2))
+        else:
+            for line in self.render(result, args):
+                print(line)
+        return 0
+
+    def render(self, result: object, args: argparse.Namespace) -> list[str]:
+        """Readable text; unknown shapes fall back to JSON rather than failing."""
+        message = _field(result, "message")
+        if isinstance(message, str):
+            return [one_line(message)]
+        return [json.dumps(result, sort_keys=True, indent=2)]
+
+
+class _DomainCommand(Command):
+    """A command on one domain: ``virtsync NAME DOMAIN``."""
+
+    done: ClassVar[str] = ""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("domain", metavar="DOMAIN", type=_name("domain"), help="libvirt domain name")
+
+    def request_args(self, args: argparse.Namespace) -> dict[str, Any]:
+        return {"domain": args.domain}
+
+    def render(self, result: object, args: argparse.Namespace) -> list[str]:
+        if isinstance(_field(result, "message"), str) or not self.done:
+            return super().render(result, args)
+        return [f"{one_line(args.domain)}: {self.done}"]
+
+
+PAIR_HEADERS = ("DOMAIN", "TARGET", "PEER", "STATE", "LAG", "BEHIND", "MARKER", "RATE")
+
+
+def pair_lines(pairs: list[dict[str, Any]], indent: str = "") -> list[str]:
+    """The pairs table; an error row is followed by its reason."""
+    rows = []
+    for p in pairs:
+        state = _cell(p.get("state"))
+        done, total = _number(p.get("bytes_done")), _number(p.get("bytes_total"))
+        if state == "initial-copy" and done is not None and total:
+            state += f" {min(done / total, 1.0) * 100:.0f}%"
+        marker = p.get("last_marker")
+        rows.append([_cell(p.get("domain")), _cell(p.get("target")), _cell(p.get("peer")), state,
+                     human_duration(p.get("lag_seconds")), human_bytes(p.get("bytes_behind")),
+                     _cell(marker) if marker else "-", human_rate(p.get("throughput_bps"))])
+    head, *body = table(PAIR_HEADERS, rows, indent)
+    lines = [head]
+    for p, line in zip(pairs, body, strict=True):
+        lines.append(line)
+        if p.get("reason"):
+            lines.append(f"{indent}    reason: {one_line(str(p['reason']))}")
+    return lines
+
+
+class StatusCommand(Command):
+    name = "status"
+    help = "agent, peers and protected domains at a glance"
+
+    def render(self, result: object, args: argparse.Namespace) -> list[str]:
+        if not isinstance(result, dict):
+            return super().render(result, args)
+        lines = [f"host: {_cell(result.get('host'))}", "peers:"]
+        peers = _dicts(result.get("peers"))
+        if peers:
+            lines += table(("NAME", "ADDRESS", "REACHABLE"),
+                           [[_cell(p.get("name")), _cell(p.get("address")), _cell(bool(p.get("reachable")))]
+                            for p in peers], "  ")
+        else:
+            lines.append("  (none)")
+        lines.append("domains:")
+        domains = _dicts(result.get("domains"))
+        if not domains:
+            lines.append("  (none)")
+            return lines
+        rows = []
+        for d in domains:
+            lag, rpo = _number(d.get("lag_seconds")), _number(d.get("rpo"))
+            late = lag is not None and rpo is not None and lag > rpo
+            marker = d.get("last_marker")
+            rows.append([_cell(d.get("domain")), _cell(d.get("peer")), _cell(d.get("state")),
+                         human_duration(lag) + (" (over RPO)" if late else ""),
+                         human_duration(rpo), _cell(marker) if marker else "-"])
+        lines += table(("DOMAIN", "PEER", "STATE", "LAG", "RPO", "MARKER"), rows, "  ")
+        return lines
+
+
+class ProtectCommand(_DomainCommand):
+    name = "protect"
+    help = "start replicating a domain's disks to a peer"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        super().add_arguments(parser)
+        parser.add_argument("--to", metavar="PEER", type=_name("peer"), required=True, help="peer agent name")
+        parser.add_argument("--segment", metavar="S", type=_name("segment"), help="business segment")
+        parser.add_argument("--rpo", metavar="SECONDS", type=_rpo, help=f"recovery point objective, 1..{MAX_RPO}")
+        parser.add_argument("--mode", choices=("async", "sync"), help="replication mode")
+        parser.add_argument("--wait", action="store_true", help="show progress until the initial copy is done")
+
+    def request_args(self, args: argparse.Namespace) -> dict[str, Any]:
+        return {"domain": args.domain, "to": args.to, "segment": args.segment, "rpo": args.rpo,
+                "mode": args.mode, "wait": args.wait}
+
+    def render(self, result: object, args: argparse.Namespace) -> list[str]:
+        if isinstance(_field(result, "message"), str):
+            return super().render(result, args)
+        lines = [f"{one_line(args.domain)}: protected to {one_line(args.to)}"]
+        pairs = _dicts(_field(result, "pairs"))
+        return lines + pair_lines(pairs) if pairs else lines
+
+
+class UnprotectCommand(_DomainCommand):
+    name = "unprotect"
+    help = "stop replicating a domain (the replica is deleted unless --keep-replica)"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        super().add_arguments(parser)
+        parser.add_argument("--keep-replica", action="store_true", help="leave the replica on the peer")
+
+    def request_args(self, args: argparse.Namespace) -> dict[str, Any]:
+        return {"domain": args.domain, "keep_replica": args.keep_replica}
+
+    def render(self, result: object, args: argparse.Namespace) -> list[str]:
+        if isinstance(_field(result, "message"), str):
+            return super().render(result, args)
+        kept = " (replica kept)" if args.keep_replica else ""
+        return [f"{one_line(args.domain)}: unprotected{kept}"]
+
+
+class PairsCommand(Command):
+    name = "pairs"
+    help = "copy pairs with state, lag, bytes behind and last marker"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("domain", metavar="DOMAIN", nargs="?", type=_name("domain"),
+                            help="only this domain's pairs")
+
+    def request_args(self, args: argparse.Namespace) -> dict[str, Any]:
+        return {"domain": args.domain}
+
+    def render(self, result: object, args: argparse.Namespace) -> list[str]:
+        if not isinstance(result, dict):
+            return super().render(result, args)
+        pairs = _dicts(result.get("pairs"))
+        return pair_lines(pairs) if pairs else ["no pairs"]
+
+
+class SuspendCommand(_DomainCommand):
+    name = "suspend"
+    help = "pause replication of a domain (changes are still tracked)"
+    done = "replication suspended"
+
+
+class ResumeCommand(_DomainCommand):
+    name = "resume"
+    help = "resume replication of a suspended domain"
+    done = "replication resumed"
+
+
+class MarkCommand(_DomainCommand):
+    name = "mark"
+    help = "cut a consistent marker across the domain's disks now"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        super().add_arguments(parser)
+        parser.add_argument("--label", metavar="L", type=_label, help=f"free text, at most {MAX_LABEL} characters")
+        parser.add_argument("--quiesce", action="store_true", help="freeze guest file systems (qemu-guest-agent)")
+        parser.add_argument("--no-apply", action="store_true", help="journal the marker but never apply it")
+        parser.add_argument("--wait", action="store_true", help="show progress until the marker is committed")
+
+    def request_args(self, args: argparse.Namespace) -> dict[str, Any]:
+        return {"domain": args.domain, "label": args.label, "quiesce": args.quiesce,
+                "no_apply": args.no_apply, "wait": args.wait}
+
+    def render(self, result: object, args: argparse.Namespace) -> list[str]:
+        if isinstance(_field(result, "message"), str):
+            return super().render(result, args)
+        marker = _field(result, "marker") if isinstance(_field(result, "marker"), dict) else result
+        seq = _field(marker, "seq")
+        if seq is None:
+            return [f"{one_line(args.domain)}: marker requested"]
+        label = _field(marker, "label")
+        return [f"{one_line(args.domain)}: marker {_cell(seq)}" + (f" ({one_line(str(label))})" if label else "")]
+
+
+class MarkersCommand(_DomainCommand):
+    name = "markers"
+    help = "a domain's committed markers (points in time on the secondary)"
+
+    def render(self, result: object, args: argparse.Namespace) -> list[str]:
+        if not isinstance(result, dict):
+            return super().render(result, args)
+        markers = _dicts(result.get("markers"))
+        if not markers:
+            return [f"no markers for {one_line(args.domain)}"]
+        rows = []
+        for m in markers:
+            size = m.get("bytes")
+            if isinstance(size, dict):   # per-disk byte counts, as in the Marker model
+                size = sum(v for v in size.values() if _number(v) is not None)
+            rows.append([_cell(m.get("seq")), _time(m.get("cut_time")), _cell(m.get("label")), human_bytes(size),
+                         _cell(m.get("apply")), _cell(m.get("applied"))])
+        return table(("SEQ", "CUT TIME", "LABEL", "BYTES", "APPLY", "APPLIED"), rows)
+
+
+COMMANDS: tuple[type[Command], ...] = (StatusCommand, ProtectCommand, UnprotectCommand, PairsCommand,
+                                       SuspendCommand, ResumeCommand, MarkCommand, MarkersCommand)
+
+
+def build_parser() -> _Parser:
+    parser = _Parser(prog="virtsync", description="Asynchronous replication of libvirt/QEMU domains.")
+    _add_global_options(parser, in_subcommand=False)
+    subparsers = parser.add_subparsers(metavar="COMMAND", dest="command_name", required=True)
+    for command in COMMANDS:
+        command().register(subparsers)
+    return parser
+
+
+def _error_name(exc: BaseException) -> str:
+    return str(getattr(exc, "type_name", "") or type(exc).__name__)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; return the exit code (0 ok, 1 failed, 2 bad usage or config, 130 ^C)."""
+    parser = build_parser()
+    debug = False
+    try:
+        try:
+            args = parser.parse_args(argv)
+        except _UsageError as e:
+            print(f"virtsync: error: {one_line(str(e))} (see '{one_line(e.prog)} --help')", file=sys.stderr)
+            return 2
+        except _ParserExitError as e:
+            return e.status
+        debug = bool(args.debug)
+        if debug:
+            logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format="%(name)s: %(message)s")
+        args.socket = resolve_socket(args)
+        command: Command = args.command
+        return command.run(args)
+    except KeyboardInterrupt:
+        return 130
+    except PluginError as e:
+        if debug:
+            traceback.print_exc()
+        text = one_line(str(e))
+        print(f"{_error_name(e)}: {text}" if text else _error_name(e), file=sys.stderr)
+        return e.exit_code
+    except BrokenPipeError:
+        # stdout went away (`virtsync pairs | head`): stop quietly, as the Python docs advise.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 1
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        print(f"{type(e).__name__}: {one_line(str(e))} (a bug in virtsync; --debug shows where)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The replication engine: the primary's cycles and the secondary's replicas."""

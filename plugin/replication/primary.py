@@ -1,0 +1,356 @@
+"""The primary's replication cycle for one protected domain.
+
+Bitmap generations: ``vs-g<N>`` records every write since marker N. Cycle N+1
+is one transaction per domain (so one instant across its disks)::
+
+    block-dirty-bitmap-add     vs-g<N+1>   (persistent, starts recording)
+    block-dirty-bitmap-disable vs-g<N>     (frozen: exactly what to send)
+    blockdev-backup sync=bitmap bitmap=vs-g<N> bitmap-mode=never → NBD segment
+
+The frozen bitmap is removed only after the secondary has committed marker
+N+1. If the cycle fails, one more transaction merges ``vs-g<N+1>`` back into
+``vs-g<N>``, re-enables it and removes ``vs-g<N+1>``: no write is ever
+forgotten. The first cycle adds ``vs-g1`` and runs ``sync=full``.
+
+(QEMU 7.2 cannot group completion of a transaction that holds bitmap actions;
+any failed job fails the whole cycle instead.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from qemu_blockdev import (
+    BlockdevError,
+    JobTimeoutError,
+    JobTracker,
+    QmpCommandError,
+    bitmaps,
+    commands,
+    nodes,
+)
+from qemu_blockdev.transport import QmpTransport
+
+from ..domain import DiskSpec, PairState
+from ..errors import PluginError
+from ..peer import PeerClient
+from ..state import Store
+
+log = logging.getLogger("virtsync.primary")
+ROLE = "primary"
+BITMAP_PREFIX = "vs-g"
+
+
+class CycleError(PluginError):
+    """A replication cycle failed; nothing was committed, no bit was lost."""
+
+
+def gen_name(seq: int) -> str:
+    return f"{BITMAP_PREFIX}{seq}"
+
+
+def nbd_node_name(target: str) -> str:
+    return commands.owned(f"vs-nbd-{target}")
+
+
+def job_name(target: str, seq: int) -> str:
+    return commands.owned(f"vs-cyc{seq}-{target}")
+
+
+async def resolve_nodes(qmp: QmpTransport, aliases: dict[str, str]) -> dict[str, tuple[str, int]]:
+    """Map disk targets to (format node name, virtual size) through query-block.
+
+    libvirt names its nodes ``libvirt-N-format``; the stable link is the
+    device's QOM path, which contains the disk alias.
+    """
+    found: dict[str, tuple[str, int]] = {}
+    for entry in await qmp.execute("query-block"):
+        qdev = str(entry.get("qdev", ""))
+        inserted = entry.get("inserted") or {}
+        for target, alias in aliases.items():
+            if alias and (qdev == f"/machine/peripheral/{alias}" or qdev.startswith(f"/machine/peripheral/{alias}/")):
+                found[target] = (str(inserted.get("node-name", "")), int(inserted.get("image", {}).get("virtual-size", 0)))
+    missing = set(aliases) - set(found)
+    if missing:
+        raise CycleError(f"cannot find QEMU block nodes for disks {sorted(missing)}")
+    return found
+
+
+@dataclass
+class CycleStats:
+    seq: int = 0
+    kind: str = ""
+    started: float = 0.0
+    cut_time: float = 0.0
+    finished: float = 0.0
+    bytes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.bytes.values())
+
+    @property
+    def rate(self) -> float | None:
+        span = self.finished - self.cut_time
+        return self.total / span if self.finished and span > 0 else None
+
+
+class DomainReplicator:
+    """Runs cycles for one domain; owns nothing in QEMU but ``vs-`` names."""
+
+    def __init__(self, *, store: Store, peer: PeerClient, qmp: QmpTransport, uuid: str, domain: str,
+                 disks: list[DiskSpec], cycle_timeout: float, stall_after: float) -> None:
+        self.store = store
+        self.peer = peer
+        self.qmp = qmp
+        self.uuid = uuid
+        self.domain = domain
+        self.disks = disks
+        self.cycle_timeout = cycle_timeout
+        self.stall_after = stall_after
+        self.last = CycleStats()
+        self.in_flight: CycleStats | None = None
+        self.progress: dict[str, tuple[int, int]] = {}
+        self.log = log.getChild(domain)
+
+    @property
+    def targets(self) -> list[str]:
+        return [d.target for d in self.disks]
+
+    def _generation(self) -> int:
+        prot = self.store.protection(self.uuid, ROLE)
+        return int(prot["generation"]) if prot else 0
+
+    async def reconcile(self) -> int:
+        """Make QEMU's bitmaps agree with the secondary's last marker; return it.
+
+        After a crash between the secondary's commit and our cleanup, both
+        generations exist: keep the newer if the marker was committed, else
+        fold the newer back into the older.
+        """
+        info = await self.peer.call("info", {"uuid": self.uuid})
+        last = int(info["last_marker"])
+        present = await self._bitmaps_present()
+        for disk in self.disks:
+            names = present.get(disk.node, set())
+            if gen_name(last) in names and gen_name(last + 1) in names:
+                await self._rollback_bitmaps([disk], last + 1)
+                names = names - {gen_name(last + 1)}
+            # Older generations were frozen for a marker that is now committed.
+            for stale in sorted(names - {gen_name(last)}):
+                await bitmaps.remove(self.qmp, disk.node, stale)
+        self.store.set_protection(self.uuid, ROLE, generation=last)
+        return last
+
+    async def _bitmaps_present(self) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for node in await nodes.query_nodes(self.qmp):
+            out[node.node_name] = {b.name for b in node.bitmaps if b.name.startswith(BITMAP_PREFIX)}
+        return out
+
+    async def needs_full(self, last: int) -> bool:
+        """A full copy is needed for the first marker, or when a bitmap is
+        missing or inconsistent (QEMU was killed while it was in use)."""
+        if last == 0:
+            return True
+        for disk in self.disks:
+            try:
+                await bitmaps.require_usable(self.qmp, disk.node, gen_name(last))
+            except BlockdevError as e:
+                self.log.warning("full resync of %s: %s", disk.target, e)
+                return True
+        return False
+
+    async def dirty_bytes_of(self, target: str) -> int:
+        """Bytes of one disk written since the last marker, not yet sent."""
+        disk = next(d for d in self.disks if d.target == target)
+        return (await bitmaps.info(self.qmp, disk.node, gen_name(self._generation()))).count
+
+    async def cycle(self, *, label: str = "", apply: bool = True,
+                    on_progress: Callable[[dict[str, Any]], Awaitable[None]] | None = None) -> CycleStats:
+        """Cut all disks at one instant and push the cut to the secondary.
+
+        :raise CycleError: the cycle failed and was rolled back (bits kept)
+        """
+        last = await self.reconcile()
+        seq = last + 1
+        full = await self.needs_full(last)
+        kind = "full" if full else "incremental"
+        stats = CycleStats(seq=seq, kind=kind, started=time.time())
+        self.in_flight = stats
+        cycle_id = self.store.start_cycle(self.uuid, seq, kind)
+        opened = False
+        cut = False
+        try:
+            if full and last:
+                # Resync: forget every stale bitmap, start over from a full copy.
+                await self._drop_all_bitmaps()
+            target = await self.peer.call("open_cycle", {"uuid": self.uuid, "seq": seq, "kind": kind,
+                                                         "targets": self.targets})
+            opened = True
+            for disk in self.disks:
+                await nodes.blockdev_add(self.qmp, commands.nbd_node(
+                    nbd_node_name(disk.target), str(target["exports"][disk.target]),
+                    host=str(target["host"]), port=int(target["port"])))
+            actions = []
+            for disk in self.disks:
+                actions.append(commands.action("block-dirty-bitmap-add",
+                                               commands.bitmap_add_args(disk.node, gen_name(seq))))
+                if full:
+                    backup = commands.backup_args(job_name(disk.target, seq), disk.node, nbd_node_name(disk.target))
+                else:
+                    actions.append(commands.action("block-dirty-bitmap-disable",
+                                                   commands.bitmap_args(disk.node, gen_name(last))))
+                    backup = commands.backup_args(job_name(disk.target, seq), disk.node,
+                                                  nbd_node_name(disk.target), sync="bitmap",
+                                                  bitmap=gen_name(last), bitmap_mode="never")
+                actions.append(commands.action("blockdev-backup", backup))
+            job_ids = [job_name(d.target, seq) for d in self.disks]
+            with JobTracker(self.qmp, job_ids) as tracker:
+                await nodes.transaction(self.qmp, actions, grouped=False)
+                cut = True
+                stats.cut_time = time.time()
+                for disk in self.disks:
+                    if full:
+                        stats.bytes[disk.target] = disk.size
+                    else:
+                        stats.bytes[disk.target] = (await bitmaps.info(self.qmp, disk.node, gen_name(last))).count
+                await self._wait_jobs(tracker, stats, on_progress)
+            await self._remove_nbd_nodes()
+            marker = await self.peer.call("commit_cycle", {
+                "uuid": self.uuid, "seq": seq, "cut_time": stats.cut_time, "bytes": stats.bytes,
+                "label": label, "apply": apply})
+            # The marker is durable on the secondary: the frozen bits are no longer needed.
+            self.store.set_protection(self.uuid, ROLE, generation=seq)
+            if not full:
+                for disk in self.disks:
+                    await bitmaps.remove(self.qmp, disk.node, gen_name(last))
+            stats.finished = time.time()
+            self.last = stats
+            self.store.finish_cycle(cycle_id, stats.total)
+            with self.store.transaction() as db:
+                db.execute("UPDATE pairs SET last_marker = ?, bytes_done = bytes_total WHERE domain_uuid = ?"
+                           " AND role = ?", (int(marker["seq"]), self.uuid, ROLE))
+            self.store.set_pair_state(self.uuid, ROLE, PairState.ACTIVE)
+            self.log.info("marker %d: %s, %d bytes in %.3fs", seq, kind, stats.total, stats.finished - stats.cut_time)
+            return stats
+        except BaseException as e:
+            await asyncio.shield(self._rollback(seq, last, full, opened, cut))
+            self.store.finish_cycle(cycle_id, 0, error=str(e)[:500])
+            if isinstance(e, (BlockdevError, PluginError)):
+                raise CycleError(f"cycle {seq} of {self.domain} failed: {e}") from e
+            raise
+        finally:
+            self.in_flight = None
+
+    async def _wait_jobs(self, tracker: JobTracker, stats: CycleStats,
+                         on_progress: Callable[[dict[str, Any]], Awaitable[None]] | None) -> None:
+        """Wait for the cycle's jobs, reporting progress and flagging stalls."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cycle_timeout
+        last_done, last_move = -1, loop.time()
+        stalled = False
+        while True:
+            try:
+                await tracker.wait_all_concluded(timeout=1.0)
+                break
+            except JobTimeoutError:
+                pass
+            await tracker.poll()
+            done = total = 0
+            for disk in self.disks:
+                cur, tot = tracker.progress(job_name(disk.target, stats.seq))
+                self.progress[disk.target] = (cur, tot)
+                self.store.set_pair_progress(self.uuid, ROLE, disk.target, cur, tot)
+                done, total = done + cur, total + tot
+            if on_progress is not None:
+                await on_progress({"seq": stats.seq, "bytes_done": done, "bytes_total": total})
+            now = loop.time()
+            if done != last_done:
+                last_done, last_move = done, now
+                if stalled:
+                    stalled = False
+                    self.store.set_pair_state(self.uuid, ROLE, self._live_state(stats))
+            elif not stalled and now - last_move > self.stall_after:
+                stalled = True
+                self.store.set_pair_state(self.uuid, ROLE, PairState.ERROR,
+                                          f"stalled: no data moved for {self.stall_after:g}s (peer link?), retrying")
+            if now > deadline:
+                raise CycleError(f"cycle {stats.seq} did not finish within {self.cycle_timeout:g}s")
+
+    def _live_state(self, stats: CycleStats) -> PairState:
+        return PairState.INITIAL_COPY if stats.kind == "full" and stats.seq == 1 else PairState.ACTIVE
+
+    async def _remove_nbd_nodes(self) -> None:
+        for disk in self.disks:
+            await nodes.blockdev_del(self.qmp, nbd_node_name(disk.target), missing_ok=True)
+
+    async def _rollback(self, seq: int, last: int, full: bool, opened: bool, cut: bool) -> None:
+        """Undo a failed cycle: cancel jobs, merge bits back, drop the segment."""
+        with contextlib.suppress(BlockdevError):
+            for job in await nodes.query_jobs(self.qmp):
+                if job.job_id in {job_name(d.target, seq) for d in self.disks}:
+                    with contextlib.suppress(QmpCommandError):
+                        await self.qmp.execute("block-job-cancel", {"device": job.job_id, "force": True})
+            await self._wait_jobs_gone(seq)
+        with contextlib.suppress(BlockdevError):
+            await self._remove_nbd_nodes()
+        if cut:
+            with contextlib.suppress(BlockdevError):
+                if full:
+                    for disk in self.disks:
+                        await bitmaps.remove(self.qmp, disk.node, gen_name(seq))
+                else:
+                    await self._rollback_bitmaps(self.disks, seq)
+        if opened:
+            with contextlib.suppress(PluginError):
+                await self.peer.call("abort_cycle", {"uuid": self.uuid, "seq": seq}, timeout=5)
+
+    async def _wait_jobs_gone(self, seq: int, timeout: float = 30.0) -> None:
+        ids = {job_name(d.target, seq) for d in self.disks}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            jobs = [j for j in await nodes.query_jobs(self.qmp) if j.job_id in ids]
+            for job in jobs:
+                if job.status == "concluded":
+                    with contextlib.suppress(QmpCommandError):
+                        await self.qmp.execute("job-dismiss", {"id": job.job_id})
+            if not jobs:
+                return
+            await asyncio.sleep(0.1)
+
+    async def _rollback_bitmaps(self, disks: list[DiskSpec], seq: int) -> None:
+        """Fold generation ``seq`` back into ``seq-1`` atomically, re-enable it."""
+        actions = []
+        for disk in disks:
+            actions += [
+                commands.action("block-dirty-bitmap-merge",
+                                commands.bitmap_merge_args(disk.node, gen_name(seq - 1), [gen_name(seq)])),
+                commands.action("block-dirty-bitmap-enable", commands.bitmap_args(disk.node, gen_name(seq - 1))),
+                commands.action("block-dirty-bitmap-remove", commands.bitmap_args(disk.node, gen_name(seq))),
+            ]
+        await nodes.transaction(self.qmp, actions, grouped=False)
+
+    async def _drop_all_bitmaps(self) -> None:
+        present = await self._bitmaps_present()
+        for disk in self.disks:
+            for name in sorted(present.get(disk.node, set())):
+                await bitmaps.remove(self.qmp, disk.node, name)
+
+    async def remove_all(self) -> None:
+        """Unprotect: cancel our jobs, drop our nodes and bitmaps in QEMU."""
+        with contextlib.suppress(BlockdevError):
+            for job in await nodes.query_jobs(self.qmp):
+                if job.job_id.startswith("vs-"):
+                    with contextlib.suppress(QmpCommandError):
+                        await self.qmp.execute("block-job-cancel", {"device": job.job_id, "force": True})
+        for seq in range(self._generation(), self._generation() + 2):
+            await self._wait_jobs_gone(seq, timeout=10)
+        await self._remove_nbd_nodes()
+        await self._drop_all_bitmaps()

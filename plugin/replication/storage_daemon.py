@@ -1,0 +1,71 @@
+"""The secondary's qemu-storage-daemon: one per agent, NBD server on the
+replication address only."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+
+from qemu_blockdev import nodes
+from qemu_blockdev.qmp_socket import QmpSocketTransport
+
+from ..errors import PluginError
+
+log = logging.getLogger("virtsync.qsd")
+
+
+class StorageDaemonError(PluginError):
+    """qemu-storage-daemon could not be started or reached."""
+
+
+class StorageDaemon:
+    """Owns one qemu-storage-daemon process and its QMP connection."""
+
+    def __init__(self, run_dir: str, address: str, port: int) -> None:
+        self.run_dir = run_dir
+        self.address = address
+        self.port = port
+        self.qmp: QmpSocketTransport | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def qmp_path(self) -> str:
+        return os.path.join(self.run_dir, "qsd.qmp")
+
+    async def start(self) -> QmpSocketTransport:
+        binary = shutil.which("qemu-storage-daemon")
+        if binary is None:
+            raise StorageDaemonError("qemu-storage-daemon not found (package qemu-system-common)")
+        os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.qmp_path)
+        log_file = open(os.path.join(self.run_dir, "qsd.log"), "ab")  # noqa: SIM115
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                binary, "--chardev", f"socket,id=vs-mon,path={self.qmp_path},server=on,wait=off",
+                "--monitor", "chardev=vs-mon", stdin=asyncio.subprocess.DEVNULL, stdout=log_file,
+                stderr=log_file)
+        finally:
+            log_file.close()
+        self.qmp = QmpSocketTransport(self.qmp_path, name="vs-qsd")
+        await self.qmp.connect(timeout=10)
+        os.chmod(self.qmp_path, 0o600)
+        await nodes.nbd_server_start(self.qmp, host=self.address, port=self.port)
+        log.info("qemu-storage-daemon pid %s serving NBD on %s:%s", self._proc.pid, self.address, self.port)
+        return self.qmp
+
+    async def stop(self) -> None:
+        if self.qmp is not None:
+            with contextlib.suppress(Exception):
+                await self.qmp.execute("quit")
+            await self.qmp.close()
+        if self._proc is not None and self._proc.returncode is None:
+            try:
+                async with asyncio.timeout(5):
+                    await self._proc.wait()
+            except TimeoutError:
+                self._proc.kill()
+                await self._proc.wait()

@@ -1,0 +1,126 @@
+"""Domains as replication sees them: lookup, disk list, protection metadata."""
+
+from __future__ import annotations
+
+import asyncio
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+
+import libvirt
+
+from ..domain import Protection
+from ..errors import DomainNotFoundError, VirtError
+from .connection import virt_error
+
+METADATA_NS = "urn:x-virtsync:protection:1"
+METADATA_KEY = "vs"
+
+
+@dataclass(frozen=True, slots=True)
+class DomainDisk:
+    """A ``<disk>`` of the domain XML, with what replication needs to decide."""
+
+    target: str
+    device: str          # disk, cdrom, floppy, lun
+    disk_type: str       # file, block, network, volume
+    source: str
+    fmt: str
+    alias: str
+    read_only: bool
+    shareable: bool
+
+
+class DomainXmlError(VirtError):
+    """The domain XML cannot be understood."""
+
+
+def parse_disks(xml: str) -> list[DomainDisk]:
+    """The disks of a domain XML, in document order.
+
+    :raise DomainXmlError: not XML, or a disk without a target, or a duplicate target
+    """
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as e:
+        raise DomainXmlError(f"malformed domain XML: {e}") from None
+    disks: list[DomainDisk] = []
+    for el in root.findall("./devices/disk"):
+        target_el = el.find("target")
+        target = target_el.get("dev", "") if target_el is not None else ""
+        if not target:
+            raise DomainXmlError("domain XML has a <disk> without <target dev=...>")
+        if any(d.target == target for d in disks):
+            raise DomainXmlError(f"domain XML has two disks with target {target!r}")
+        source_el = el.find("source")
+        source = ""
+        if source_el is not None:
+            source = source_el.get("file") or source_el.get("dev") or source_el.get("name") or \
+                source_el.get("volume") or ""
+        driver = el.find("driver")
+        alias = el.find("alias")
+        disks.append(DomainDisk(
+            target=target,
+            device=el.get("device", "disk"),
+            disk_type=el.get("type", "file"),
+            source=source,
+            fmt=driver.get("type", "raw") if driver is not None else "raw",
+            alias=alias.get("name", "") if alias is not None else "",
+            read_only=el.find("readonly") is not None,
+            shareable=el.find("shareable") is not None,
+        ))
+    return disks
+
+
+def protection_xml(prot: Protection) -> str:
+    return (f'<protection segment="{_attr(prot.segment)}" rpo="{prot.rpo}" peer="{_attr(prot.peer)}" '
+            f'mode="{prot.mode}"/>')
+
+
+def _attr(value: str) -> str:
+    return value.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;")
+
+
+async def lookup(conn: libvirt.virConnect, name: str) -> libvirt.virDomain:
+    """:raise DomainNotFoundError: no such domain"""
+    try:
+        return await asyncio.to_thread(conn.lookupByName, name)
+    except libvirt.libvirtError as e:
+        err = virt_error(e, f"domain {name!r}")
+        if isinstance(err, DomainNotFoundError):
+            raise DomainNotFoundError(f"domain {name!r} not found", err.code) from e
+        raise err from e
+
+
+async def lookup_uuid(conn: libvirt.virConnect, uuid: str) -> libvirt.virDomain:
+    try:
+        return await asyncio.to_thread(conn.lookupByUUIDString, uuid)
+    except libvirt.libvirtError as e:
+        raise virt_error(e, f"domain {uuid}") from e
+
+
+async def live_xml(dom: libvirt.virDomain) -> str:
+    try:
+        return str(await asyncio.to_thread(dom.XMLDesc, 0))
+    except libvirt.libvirtError as e:
+        raise virt_error(e, f"domain {dom.name()}") from e
+
+
+async def is_running(dom: libvirt.virDomain) -> bool:
+    try:
+        return bool(await asyncio.to_thread(dom.isActive))
+    except libvirt.libvirtError as e:
+        raise virt_error(e) from e
+
+
+async def set_protection(dom: libvirt.virDomain, prot: Protection | None) -> None:
+    """Write (or with None remove) ``<vs:protection>`` in the live and persistent XML."""
+    flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
+    if await asyncio.to_thread(dom.isPersistent):
+        flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
+    xml = protection_xml(prot) if prot is not None else None
+    key = METADATA_KEY if prot is not None else None
+    try:
+        await asyncio.to_thread(dom.setMetadata, libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml, key, METADATA_NS,
+                                flags)
+    except libvirt.libvirtError as e:
+        raise virt_error(e, f"domain {dom.name()}: metadata") from e
