@@ -28,8 +28,11 @@ __all__ = ["COMMANDS", "Command", "ProgressRenderer", "main"]
 
 DEFAULT_CONFIG = "/etc/virtsync/virtsync.toml"
 DEFAULT_SOCKET = "/run/virtsync/agent.sock"
-#: Per-line timeout of a request; a streaming daemon must send progress more often than this.
+#: Per-line timeout of a request (ipc.call bounds each wait for a reply line, progress included).
 REQUEST_TIMEOUT = 30.0
+#: The same with --wait: the daemon bounds its own waits (cycle timeout), so this is only a backstop
+#: against a hung daemon; ^C ends the wait earlier.
+WAIT_TIMEOUT = 3600.0
 MAX_RPO = 7 * 86400          # Protection.rpo's upper bound
 MAX_NAME = 255               # libvirt domain names: keep them file-name sized
 MAX_LABEL = 128
@@ -50,7 +53,7 @@ def one_line(text: str, limit: int = MAX_ERROR_LINE) -> str:
 
 def _shown(value: str) -> str:
     """A user value quoted for an error message, short enough to read."""
-    return repr(one_line(value, 40))
+    return f"'{one_line(value, 40)}'"
 
 
 def _number(value: object) -> float | None:
@@ -319,10 +322,11 @@ class Command:
         return {}
 
     def run(self, args: argparse.Namespace) -> int:
-        progress = ProgressRenderer(sys.stderr) if getattr(args, "wait", False) else None
+        wait = bool(getattr(args, "wait", False))
+        progress = ProgressRenderer(sys.stderr) if wait else None
         try:
             result = ipc.request(args.socket, self.name, self.request_args(args),
-                                 timeout=REQUEST_TIMEOUT, on_progress=progress)
+                                 timeout=WAIT_TIMEOUT if wait else REQUEST_TIMEOUT, on_progress=progress)
         finally:
             if progress is not None:
                 progress.close()

@@ -20,8 +20,6 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import libvirt
-
 from . import config as config_mod
 from . import ipc, peer
 from .config import Config
@@ -32,7 +30,7 @@ from .replication.secondary import PeerRequestError, Secondary
 from .replication.storage_daemon import StorageDaemon
 from .state import Store
 from .virt import domains
-from .virt.connection import open_connection
+from .virt.connection import close_connection, open_connection
 from .virt.qmp_bridge import LibvirtQmpTransport
 
 log = logging.getLogger("virtsync.daemon")
@@ -86,7 +84,7 @@ class Agent:
         self.qsd = StorageDaemon(os.path.join(cfg.state_dir, "run"), cfg.replication_address, cfg.replication_port)
         self.secondary: Secondary | None = None
         self.peers = {name: peer.PeerClient(spec) for name, spec in cfg.peers.items()}
-        self.conn: libvirt.virConnect | None = None
+        self.conn: Any = None  # libvirt.virConnect, owned through plugin.virt
         self.protected: dict[str, Protected] = {}
         self._runners: list[Any] = []
         self._lock_fd: int | None = None
@@ -139,8 +137,7 @@ class Agent:
             await client.close()
         await self.qsd.stop()
         if self.conn is not None:
-            with contextlib.suppress(libvirt.libvirtError):
-                await asyncio.to_thread(self.conn.close)
+            await close_connection(self.conn)
         if self.store is not None:
             self.store.close()
         with contextlib.suppress(FileNotFoundError):
@@ -270,7 +267,7 @@ class Agent:
                 raise PluginError(f"protection of {p.name} stopped before its first marker")
         yield {"domain": p.name, "uuid": p.uuid, "pairs": self._pairs_json(p.uuid)}
 
-    async def _disk_specs(self, dom: libvirt.virDomain) -> list[DiskSpec]:
+    async def _disk_specs(self, dom: Any) -> list[DiskSpec]:
         """The disks to replicate; refuses what this mode cannot handle."""
         name = dom.name()
         specs = []

@@ -176,7 +176,7 @@ def _parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
         raise BadRequestError("malformed request: not a JSON object")
     version = message.get("v")
     if type(version) is not int or version != PROTOCOL_VERSION:  # True == 1, so compare the type too
-        raise BadRequestError(f"unsupported protocol version {str(version)[:20]!r}; "
+        raise BadRequestError(f"unsupported protocol version {json.dumps(version)[:20]}; "
                               f"this daemon speaks version {PROTOCOL_VERSION}")
     op = message.get("op")
     if not isinstance(op, str) or not op:
@@ -353,7 +353,12 @@ async def serve(path: str, handler: Handler, *, mode: int = 0o660,
         sock.setblocking(False)
 
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await _Connection(handler, reader, writer).run()
+            try:
+                await _Connection(handler, reader, writer).run()
+            except asyncio.CancelledError:
+                # The outermost frame of the connection task, which nobody awaits: Python 3.11's
+                # StreamReaderProtocol logs a cancelled callback task as an error, so end quietly.
+                pass
 
         return await asyncio.start_unix_server(on_connect, sock=sock, limit=MAX_REQUEST)
     except BaseException as e:

@@ -78,7 +78,9 @@ class BlockNode:
             read_only=bool(obj.get("ro", False)),
             virtual_size=int(size),
             backing_file=obj.get("backing_file"),
-            bitmaps=tuple(BitmapInfo.from_qmp(b) for b in _list(obj.get("dirty-bitmaps", []), what)),
+            # Anonymous bitmaps (QEMU's own, e.g. a running backup's) have no name.
+            bitmaps=tuple(BitmapInfo.from_qmp(b) for b in _list(obj.get("dirty-bitmaps", []), what)
+                          if not (isinstance(b, Mapping) and "name" not in b)),
         )
 
     def bitmap(self, name: str) -> BitmapInfo | None:

@@ -28,8 +28,9 @@ async def blockdev_del(transport: QmpTransport, node_name: str, *, missing_ok: b
 
 
 def _is_not_found(error: QmpCommandError) -> bool:
-    return error.error_class == "DeviceNotFound" or "not found" in error.desc.lower() or \
-        "cannot find" in error.desc.lower()
+    desc = error.desc.lower()
+    return error.error_class == "DeviceNotFound" or any(
+        text in desc for text in ("not found", "cannot find", "failed to find"))
 
 
 async def query_nodes(transport: QmpTransport) -> list[BlockNode]:

@@ -16,7 +16,7 @@ import libvirtaio
 
 from plugin.errors import DomainNotFoundError, VirtError
 
-__all__ = ["ensure_event_impl", "open_connection", "virt_error"]
+__all__ = ["close_connection", "ensure_event_impl", "open_connection", "virt_error"]
 
 
 def virt_error(error: libvirt.libvirtError, context: str = "") -> VirtError:
@@ -72,3 +72,11 @@ async def open_connection(uri: str) -> libvirt.virConnect:
     except libvirt.libvirtError as e:
         raise virt_error(e, f"cannot connect to {uri}") from e
     return conn
+
+
+async def close_connection(conn: libvirt.virConnect) -> None:
+    """Close a connection opened by :func:`open_connection`; errors are moot then."""
+    try:
+        await asyncio.to_thread(conn.close)
+    except libvirt.libvirtError:
+        pass

@@ -1,0 +1,83 @@
+"""virtsyncd agents on lab hosts: each runs inside its host's network
+namespace, so it binds the host's lab address and reaches its peer over the
+veth (which tests can cut)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from plugin import ipc
+
+from . import procs
+from .host import LabHost
+
+PEER_PORT = 8441
+NBD_PORT = 10809
+
+
+class LabAgent:
+    """One agent; its state and replicas live under the host's root dir."""
+
+    def __init__(self, host: LabHost, peers: dict[str, LabHost], **replication: Any) -> None:
+        self.host = host
+        self.dir = Path(host.root) / "virtsync"
+        self.dir.mkdir(mode=0o700, exist_ok=True)
+        self.socket = str(self.dir / "agent.sock")
+        self.config = self.dir / "virtsync.toml"
+        self.log = self.dir / "agent.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        lines = [
+            "[agent]",
+            f'name = "{host.name}"',
+            f'listen = "{host.address}:{PEER_PORT}"',
+            f'socket = "{self.socket}"',
+            f'state_dir = "{self.dir / "state"}"',
+            f'libvirt_uri = "{host.uri}"',
+            "[replication]",
+            f'address = "{host.address}"',
+            f"port = {NBD_PORT}",
+            f'storage = "{self.storage}"',
+            *(f"{k} = {v!r}" for k, v in replication.items()),
+        ]
+        for name, peer in peers.items():
+            lines += [f"[peers.{name}]", f'address = "{peer.address}:{PEER_PORT}"']
+        self.config.write_text("\n".join(lines) + "\n")
+
+    @property
+    def storage(self) -> Path:
+        return self.dir / "replicas"
+
+    def start(self, timeout: float = 20.0) -> None:
+        argv = ["ip", "netns", "exec", self.host.netns, sys.executable, "-m", "plugin.daemon",
+                "--config", str(self.config), "--debug"]
+        root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ, PYTHONPATH=root)
+        self.proc = procs.spawn(argv, log_path=str(self.log), env=env, cwd=root)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                ipc.request(self.socket, "status", {}, timeout=5)
+                return
+            except Exception:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"agent on {self.host.name} did not start:\n{self.tail()}") from None
+                time.sleep(0.1)
+
+    def call(self, op: str, timeout: float = 120.0, **args: Any) -> Any:
+        return ipc.request(self.socket, op, args, timeout=timeout)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None:
+            procs.end(self.proc, sig=sig, timeout=15)
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no agent log)"
