@@ -50,6 +50,7 @@ class Config:
     cycle_timeout: float = 600.0
     stall_after: float = 10.0
     min_cycle_interval: float = 1.0
+    speed_limit: int = 0  # bytes/s per disk job; 0 = unlimited
     path: str = ""
 
     @property
@@ -127,6 +128,8 @@ def parse(text: str, path: str = "<config>") -> Config:
     rep_addr = _get(repl, "address", str, "replication", host)
     _check_address(rep_addr, f"{path}: replication.address")
     rep_port = _get(repl, "port", int, "replication", 10809)
+    if _get(repl, "speed_limit", int, "replication", 0) < 0:
+        raise ConfigError(f"{path}: replication.speed_limit must be >= 0 (bytes/s, 0 = unlimited)")
     if not 0 < rep_port < 65536:
         raise ConfigError(f"{path}: replication.port {rep_port} out of range")
     peers: dict[str, PeerSpec] = {}
@@ -152,6 +155,7 @@ def parse(text: str, path: str = "<config>") -> Config:
         cycle_timeout=_get(repl, "cycle_timeout", float, "replication", 600.0),
         stall_after=_get(repl, "stall_after", float, "replication", 10.0),
         min_cycle_interval=_get(repl, "min_cycle_interval", float, "replication", 1.0),
+        speed_limit=_get(repl, "speed_limit", int, "replication", 0),
         path=path,
     )
 

@@ -303,7 +303,8 @@ class Agent:
         qmp = LibvirtQmpTransport(dom)
         await qmp.connect()
         rep = DomainReplicator(store=store, peer=self.peers[prot["peer"]], qmp=qmp, uuid=uuid, domain=prot["domain"],
-                               disks=disks, cycle_timeout=self.cfg.cycle_timeout, stall_after=self.cfg.stall_after)
+                               disks=disks, cycle_timeout=self.cfg.cycle_timeout, stall_after=self.cfg.stall_after,
+                               speed_limit=self.cfg.speed_limit)
         p = Protected(uuid, prot["domain"], rep, qmp)
         if prot["generation"]:
             p.first_marker.set()

@@ -105,7 +105,7 @@ class DomainReplicator:
     """Runs cycles for one domain; owns nothing in QEMU but ``vs-`` names."""
 
     def __init__(self, *, store: Store, peer: PeerClient, qmp: QmpTransport, uuid: str, domain: str,
-                 disks: list[DiskSpec], cycle_timeout: float, stall_after: float) -> None:
+                 disks: list[DiskSpec], cycle_timeout: float, stall_after: float, speed_limit: int = 0) -> None:
         self.store = store
         self.peer = peer
         self.qmp = qmp
@@ -114,6 +114,7 @@ class DomainReplicator:
         self.disks = disks
         self.cycle_timeout = cycle_timeout
         self.stall_after = stall_after
+        self.speed_limit = speed_limit or None
         self.last = CycleStats()
         self.in_flight: CycleStats | None = None
         self.progress: dict[str, tuple[int, int]] = {}
@@ -203,13 +204,15 @@ class DomainReplicator:
                 actions.append(commands.action("block-dirty-bitmap-add",
                                                commands.bitmap_add_args(disk.node, gen_name(seq))))
                 if full:
-                    backup = commands.backup_args(job_name(disk.target, seq), disk.node, nbd_node_name(disk.target))
+                    backup = commands.backup_args(job_name(disk.target, seq), disk.node, nbd_node_name(disk.target),
+                                                  speed=self.speed_limit)
                 else:
                     actions.append(commands.action("block-dirty-bitmap-disable",
                                                    commands.bitmap_args(disk.node, gen_name(last))))
                     backup = commands.backup_args(job_name(disk.target, seq), disk.node,
                                                   nbd_node_name(disk.target), sync="bitmap",
-                                                  bitmap=gen_name(last), bitmap_mode="never")
+                                                  bitmap=gen_name(last), bitmap_mode="never",
+                                                  speed=self.speed_limit)
                 actions.append(commands.action("blockdev-backup", backup))
             job_ids = [job_name(d.target, seq) for d in self.disks]
             with JobTracker(self.qmp, job_ids) as tracker:
