@@ -30,4 +30,4 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "$want" > "$stamp"
 fi
 
-sh scripts/build-guest.sh
+bash scripts/build-guest.sh
