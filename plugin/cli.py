@@ -536,8 +536,81 @@ class MarkersCommand(_DomainCommand):
         return table(("SEQ", "CUT TIME", "LABEL", "BYTES", "APPLY", "APPLIED"), rows)
 
 
+def _marker_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a marker is a sequence number, not {one_line(text)!r}") from None
+    if not 1 <= value <= 2**62:
+        raise argparse.ArgumentTypeError(f"marker {value} is out of range")
+    return value
+
+
+def _journal_line(result: object, args: argparse.Namespace) -> list[str]:
+    applied, last = _field(result, "applied"), _field(result, "last_marker")
+    held = " (held)" if _field(result, "held") else ""
+    damage = _field(result, "damage")
+    lines = [f"{one_line(args.domain)}: replica at marker {_cell(applied)} of {_cell(last)}{held}"]
+    if damage:
+        lines.append(f"  journal damaged: {one_line(str(damage))}")
+    return lines
+
+
+class ApplyCommand(_DomainCommand):
+    name = "apply"
+    help = "on the secondary: apply journaled markers to the replica (up to --until)"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        super().add_arguments(parser)
+        parser.add_argument("--until", metavar="MARKER", type=_marker_number,
+                            help="apply exactly up to this marker, past holds and --no-apply markers")
+
+    def request_args(self, args: argparse.Namespace) -> dict[str, Any]:
+        return {"domain": args.domain, "until": args.until}
+
+    def render(self, result: object, args: argparse.Namespace) -> list[str]:
+        return _journal_line(result, args) if isinstance(result, dict) else super().render(result, args)
+
+
+class HoldCommand(ApplyCommand):
+    name = "hold"
+    help = "on the secondary: stop applying markers (the journal keeps growing)"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        _DomainCommand.add_arguments(self, parser)
+
+    def request_args(self, args: argparse.Namespace) -> dict[str, Any]:
+        return {"domain": args.domain}
+
+
+class ReleaseCommand(HoldCommand):
+    name = "release"
+    help = "on the secondary: apply markers again"
+
+
+class RestoreCommand(_DomainCommand):
+    name = "restore"
+    help = "on the secondary: write each disk as of a retained marker to a directory"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        super().add_arguments(parser)
+        parser.add_argument("--marker", metavar="MARKER", type=_marker_number, required=True)
+        parser.add_argument("--to", metavar="DIR", required=True, help="an empty or new directory (absolute path)")
+
+    def request_args(self, args: argparse.Namespace) -> dict[str, Any]:
+        return {"domain": args.domain, "marker": args.marker, "to": os.path.abspath(args.to)}
+
+    def render(self, result: object, args: argparse.Namespace) -> list[str]:
+        disks = _field(result, "disks")
+        if not isinstance(disks, dict):
+            return super().render(result, args)
+        return [f"{one_line(args.domain)}: marker {_cell(_field(result, 'marker'))} restored"] + [
+            f"  {one_line(str(t))}: {one_line(str(p))}" for t, p in sorted(disks.items())]
+
+
 COMMANDS: tuple[type[Command], ...] = (StatusCommand, ProtectCommand, UnprotectCommand, PairsCommand,
-                                       SuspendCommand, ResumeCommand, MarkCommand, MarkersCommand)
+                                       SuspendCommand, ResumeCommand, MarkCommand, MarkersCommand,
+                                       ApplyCommand, HoldCommand, ReleaseCommand, RestoreCommand)
 
 
 def build_parser() -> _Parser:

@@ -14,6 +14,13 @@
     port = 10809
     storage = "/var/lib/virtsync/replicas"
 
+    [journal]                         # the secondary's journal of markers
+    apply_delay = 0                   # seconds a marker waits before it is applied
+    retain_markers = 4                # applied markers kept restorable (the replica's own included) ...
+    retain_seconds = 0                # ... and for at least this long
+    max_bytes = 0                     # space for segments; 0 = unbounded
+    on_full = "refuse"                # or "apply": fold old markers to make room
+
     [peers.dr1]
     address = "10.250.0.2:8441"
 
@@ -23,6 +30,7 @@ Every error is a :class:`ConfigError` naming the file and the key.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -33,6 +41,8 @@ from .errors import ConfigError
 
 DEFAULT_PATH = "/etc/virtsync/virtsync.toml"
 WILDCARDS = {"0.0.0.0", "::", "[::]", "", "*"}
+MAX_SIZE = 1 << 20  # a config file larger than this is refused, never read in part
+MAX_MESSAGE = 400
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +61,11 @@ class Config:
     stall_after: float = 10.0
     min_cycle_interval: float = 1.0
     speed_limit: int = 0  # bytes/s per disk job; 0 = unlimited
+    apply_delay: float = 0.0
+    retain_markers: int = 4
+    retain_seconds: float = 0.0
+    journal_max_bytes: int = 0
+    journal_on_full: str = "refuse"
     path: str = ""
 
     @property
@@ -74,10 +89,10 @@ def _split_hostport(value: object, where: str, default_port: int | None = None) 
             raise ConfigError(f"{where}: missing port in {value!r:.80}")
         host, port_text = value, str(default_port)
     host = host.strip("[]")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ConfigError(f"{where}: bad port {port_text!r:.20}") from None
+    # int() also takes " 80", "+80", "8_0" and non-ASCII digits: a port is plain digits.
+    if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5):
+        raise ConfigError(f"{where}: bad port {port_text!r:.20}")
+    port = int(port_text)
     if not 0 < port < 65536:
         raise ConfigError(f"{where}: port {port} out of range")
     _check_address(host, where)
@@ -88,10 +103,71 @@ def _check_address(host: str, where: str) -> None:
     if host in WILDCARDS:
         raise ConfigError(f"{where}: refusing wildcard address {host!r}: name the address to bind")
     try:
-        ipaddress.ip_address(host)
+        ip = ipaddress.ip_address(host)
     except ValueError:
         if host != "localhost":
             raise ConfigError(f"{where}: {host!r:.80} is not an IP address") from None
+        return
+    # "::0", "0:0::0" and "::ffff:0.0.0.0" are the same wildcard spelled otherwise.
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    if ip.is_unspecified or (mapped is not None and mapped.is_unspecified):
+        raise ConfigError(f"{where}: refusing wildcard address {host!r:.60}: name the address to bind")
+
+
+def _valid_name(name: str) -> bool:
+    """An agent or peer name: 1-64 ASCII letters, digits, - or _ (not only punctuation)."""
+    return bool(name) and name.isascii() and name.replace("-", "").replace("_", "").isalnum() and len(name) <= 64
+
+
+class _Table(dict):  # type: ignore[type-arg]
+    """A TOML table that remembers which keys were read, to refuse the others (typos)."""
+
+    def __init__(self, name: str, items: dict[str, Any]) -> None:
+        super().__init__(items)
+        self.name = name
+        self.seen: set[str] = set()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.seen.add(key)
+        return super().get(key, default)
+
+
+def _tables(doc: dict[str, Any]) -> list[_Table]:
+    """Wrap the sections whose keys are all known (and each peer) in place; return them.
+
+    ``[resources]`` is free-form and ``[peers]`` is keyed by peer name: neither is wrapped.
+    """
+    out = []
+    for section in ("agent", "replication", "journal"):
+        if isinstance(doc.get(section), dict):
+            doc[section] = _Table(section, doc[section])
+            out.append(doc[section])
+    peers = doc.get("peers")
+    if isinstance(peers, dict):
+        for peer_name, table in peers.items():
+            if isinstance(table, dict):
+                peers[peer_name] = _Table(f"peers.{peer_name}", table)
+                out.append(peers[peer_name])
+    return out
+
+
+def _check_values(cfg: Config) -> None:
+    """Ranges the types alone do not give."""
+    for key, value, minimum in (("cycle_timeout", cfg.cycle_timeout, 0.0), ("stall_after", cfg.stall_after, 0.0),
+                                ("min_cycle_interval", cfg.min_cycle_interval, None)):
+        if not math.isfinite(value) or (value <= minimum if minimum is not None else value < 0):
+            need = "> 0" if minimum is not None else ">= 0"
+            raise ConfigError(f"replication.{key} must be a finite number of seconds {need}, not {value!r}")
+    for key, value in (("agent.socket", cfg.socket), ("agent.state_dir", cfg.state_dir),
+                       ("replication.storage", cfg.storage)):
+        if not value or "\0" in value:
+            raise ConfigError(f"{key} must be a non-empty path without NUL characters")
+
+
+def _one_line(text: str) -> str:
+    text = "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in text)
+    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 3] + "..."
 
 
 def _get(table: dict[str, Any], key: str, kind: type, where: str, default: Any) -> Any:
@@ -106,23 +182,42 @@ def _get(table: dict[str, Any], key: str, kind: type, where: str, default: Any) 
 def parse(text: str, path: str = "<config>") -> Config:
     """Parse and check a config text.
 
-    :raise ConfigError: malformed TOML, a wrong type, a wildcard address, an unknown key
+    :raise ConfigError: malformed TOML, a wrong type, a wildcard address, an unknown key;
+        always one line that names ``path`` and the key
     """
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    unknown = set(doc) - {"agent", "replication", "peers", "resources"}
+        raise ConfigError(_one_line(f"{path}: not valid TOML: {e}")) from None
+    tables = _tables(doc)
+    try:
+        cfg = _parse_doc(doc, path)
+        _check_values(cfg)
+        # After every key was read: whatever was never asked for is a typo.
+        for table in tables:
+            unknown = sorted(set(table) - table.seen)
+            if unknown:
+                raise ConfigError(f"unknown key {table.name}.{unknown[0]}" + (
+                    f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+    except ConfigError as e:
+        message = str(e) if str(e).startswith(f"{path}:") else f"{path}: {e}"
+        raise ConfigError(_one_line(message)) from None
+    return cfg
+
+
+def _parse_doc(doc: dict[str, Any], path: str) -> Config:
+    unknown = set(doc) - {"agent", "replication", "journal", "peers", "resources"}
     if unknown:
         raise ConfigError(f"{path}: unknown section(s): {', '.join(sorted(unknown))}")
     agent = doc.get("agent", {})
     repl = doc.get("replication", {})
+    journal = doc.get("journal", {})
     peers_doc = doc.get("peers", {})
-    for name, table in (("agent", agent), ("replication", repl), ("peers", peers_doc)):
+    for name, table in (("agent", agent), ("replication", repl), ("journal", journal), ("peers", peers_doc)):
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: [{name}] must be a table")
     name = _get(agent, "name", str, "agent", "")
-    if not name or not name.replace("-", "").replace("_", "").isalnum() or len(name) > 64:
+    if not _valid_name(name):
         raise ConfigError(f"{path}: agent.name must be 1-64 letters, digits, - or _ (got {name!r:.80})")
     host, port = _split_hostport(agent.get("listen"), f"{path}: agent.listen")
     rep_addr = _get(repl, "address", str, "replication", host)
@@ -136,11 +231,20 @@ def parse(text: str, path: str = "<config>") -> Config:
     for peer_name, table in peers_doc.items():
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: [peers.{peer_name}] must be a table")
+        if not _valid_name(peer_name):
+            raise ConfigError(f"{path}: peer name {peer_name!r:.80} must be 1-64 letters, digits, - or _")
         if peer_name == name:
-            raise ConfigError(f"{path}: peer {peer_name!r} has this host's own name")
+            raise ConfigError(f"{path}: peers.{peer_name} has this host's own name")
         p_host, p_port = _split_hostport(table.get("address"), f"{path}: peers.{peer_name}.address")
         peers[peer_name] = PeerSpec(peer_name, p_host, p_port)
     state_dir = _get(agent, "state_dir", str, "agent", "/var/lib/virtsync")
+    on_full = _get(journal, "on_full", str, "journal", "refuse")
+    if on_full not in ("refuse", "apply"):
+        raise ConfigError(f"{path}: journal.on_full must be \"refuse\" or \"apply\", not {on_full!r:.40}")
+    retain = _get(journal, "retain_markers", int, "journal", 4)
+    max_bytes = _get(journal, "max_bytes", int, "journal", 0)
+    if retain < 0 or max_bytes < 0:
+        raise ConfigError(f"{path}: journal.retain_markers and journal.max_bytes must be >= 0")
     return Config(
         name=name,
         listen_host=host,
@@ -156,6 +260,11 @@ def parse(text: str, path: str = "<config>") -> Config:
         stall_after=_get(repl, "stall_after", float, "replication", 10.0),
         min_cycle_interval=_get(repl, "min_cycle_interval", float, "replication", 1.0),
         speed_limit=_get(repl, "speed_limit", int, "replication", 0),
+        apply_delay=_get(journal, "apply_delay", float, "journal", 0.0),
+        retain_markers=retain,
+        retain_seconds=_get(journal, "retain_seconds", float, "journal", 0.0),
+        journal_max_bytes=max_bytes,
+        journal_on_full=on_full,
         path=path,
     )
 
@@ -166,10 +275,14 @@ def load(path: str = DEFAULT_PATH) -> Config:
     :raise ConfigError: the file is missing or unreadable, or :func:`parse` refuses it
     """
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read(1 << 20)
+        with open(path, "rb") as f:
+            data = f.read(MAX_SIZE + 1)
     except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
+        raise ConfigError(_one_line(f"cannot read config {path}: {e.strerror or e}")) from None
+    if len(data) > MAX_SIZE:
+        raise ConfigError(_one_line(f"{path}: too large (more than {MAX_SIZE} bytes): not a config file"))
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(_one_line(f"{path}: not UTF-8 text (byte {e.start})")) from None
     return parse(text, path)

@@ -197,7 +197,8 @@ class Agent:
         handlers = {
             "status": self.op_status, "protect": self.op_protect, "unprotect": self.op_unprotect,
             "pairs": self.op_pairs, "suspend": self.op_suspend, "resume": self.op_resume,
-            "mark": self.op_mark, "markers": self.op_markers,
+            "mark": self.op_mark, "markers": self.op_markers, "apply": self.op_apply, "hold": self.op_hold,
+            "release": self.op_release, "restore": self.op_restore,
         }
         if op not in handlers:
             raise ipc.UnknownOperationError(f"unknown operation {op!r}")
@@ -407,11 +408,46 @@ class Agent:
             return await req.done
 
     async def op_markers(self, args: dict[str, Any]) -> Any:
-        p = self._find(_arg(args, "domain", str))
-        prot = self._store().protection(p.uuid, PRIMARY)
-        assert prot is not None
-        info = await self.peers[prot["peer"]].call("info", {"uuid": p.uuid})
-        return {"markers": info["markers"]}
+        """Markers of a domain: read locally on the secondary, from the peer on the primary."""
+        name = _arg(args, "domain", str)
+        try:
+            uuid = self._sec().find(name)
+        except StateConflictError:
+            p = self._find(name)
+            prot = self._store().protection(p.uuid, PRIMARY)
+            assert prot is not None
+            return await self.peers[prot["peer"]].call("info", {"uuid": p.uuid})
+        return self._sec().info(uuid)
+
+    def _replica(self, args: dict[str, Any]) -> str:
+        name = _arg(args, "domain", str)
+        try:
+            return self._sec().find(name)
+        except StateConflictError:
+            if any(p.name == name for p in self.protected.values()):
+                prot = self._store().protection(self._find(name).uuid, PRIMARY)
+                raise StateConflictError(f"{name} is the primary here: run this on the secondary "
+                                         f"({prot['peer'] if prot else '?'})", state="primary",
+                                         required="secondary") from None
+            raise
+
+    async def op_apply(self, args: dict[str, Any]) -> Any:
+        until = _arg(args, "until", int, None)
+        return await self._sec().apply(self._replica(args), until)
+
+    async def op_hold(self, args: dict[str, Any]) -> Any:
+        return await self._sec().set_held(self._replica(args), True)
+
+    async def op_release(self, args: dict[str, Any]) -> Any:
+        return await self._sec().set_held(self._replica(args), False)
+
+    async def op_restore(self, args: dict[str, Any]) -> Any:
+        dest = _arg(args, "to", str)
+        if not os.path.isabs(dest):
+            raise UsageError(f"--to must be an absolute path, not {dest!r}")
+        if os.path.exists(dest) and os.listdir(dest):
+            raise UsageError(f"{dest} is not empty: restore never overwrites")
+        return await self._sec().restore(self._replica(args), _arg(args, "marker", int), dest)
 
     def _pairs_json(self, uuid: str | None = None) -> list[dict[str, Any]]:
         out = []

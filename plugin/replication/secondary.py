@@ -1,23 +1,27 @@
-"""The secondary: replicas, journal segments and markers for a peer's domains.
+"""The secondary: replicas, journal and reflecting unit for a peer's domains.
 
-Layout under ``storage/<domain uuid>/``::
+A cycle opens one writable NBD export per disk: the base for the very first,
+full copy; afterwards a new qcow2 segment whose backing is the disk's newest
+sealed segment. Commit closes the exports (flushing), fsyncs and seals the
+segments (``.partial`` renamed away, borg-style), hashes them, and only then
+records the marker. A segment without a committed marker is discarded.
 
-    vda.qcow2                     the replica (the journal's base)
-    vda.seg-00000042.qcow2.partial  a cycle's segment while it is being written
-    vda.seg-00000042.qcow2        sealed: complete, flushed, renamed (borg-style commit)
-
-A cycle opens one writable NBD export per disk (the base for the first, full
-copy; a new qcow2 overlay of the base afterwards). Commit closes the exports
-(flushing), fsyncs and seals the segments, and only then records the marker.
-Applying commits sealed segments into the base, oldest first; it is
-idempotent, so a crash mid-apply is repaired by applying again.
+The reflecting unit moves the replica (``applied``) forward over markers that
+allow it, oldest first, after checking each marker's record and segments.
+Since sealed segments never change, the replica is always exactly some
+marker. Retention folds the oldest applied segments into the base (commit,
+then re-point the next segment's backing, then delete); every fold step is
+idempotent and its intent is recorded first, so a crash at any point is
+repaired by doing it again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -31,8 +35,10 @@ from qemu_blockdev.transport import QmpTransport
 
 from ..config import Config
 from ..domain import Marker, PairState, Protection
-from ..errors import PluginError, StateConflictError
+from ..errors import JournalCorruptError, JournalError, PluginError, StateConflictError
+from ..faults import fault_point
 from ..state import Store
+from .journal import JournalDir, file_sha256, fsync_path, record_crc, verify_record, verify_segment
 
 log = logging.getLogger("virtsync.secondary")
 ROLE = "secondary"
@@ -42,6 +48,10 @@ class PeerRequestError(PluginError):
     """A peer asked for something this host will not do (bad or stale request)."""
 
     exit_code = 2
+
+
+class JournalFullError(JournalError):
+    """The journal reached its space limit and the policy refuses new cycles."""
 
 
 @dataclass
@@ -60,7 +70,7 @@ def check_uuid(value: object) -> str:
 
 
 def check_target(value: object) -> str:
-    if not isinstance(value, str) or not value.isalnum() or not 1 <= len(value) <= 16:
+    if not isinstance(value, str) or not value.isascii() or not value.isalnum() or not 1 <= len(value) <= 16:
         raise PeerRequestError(f"not a disk target: {value!r:.40}")
     return value
 
@@ -68,21 +78,13 @@ def check_target(value: object) -> str:
 async def _run(*argv: str) -> None:
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.PIPE)
-    out, err = await proc.communicate()
+    _, err = await proc.communicate()
     if proc.returncode != 0:
         raise PluginError(f"{argv[0]} {argv[1]} failed: {err.decode(errors='replace').strip()[:300]}")
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Secondary:
-    """Serves the peer API's replica operations; one lock per domain."""
+    """Serves the peer API's replica operations and the local journal commands."""
 
     def __init__(self, cfg: Config, store: Store, qmp: QmpTransport) -> None:
         self.cfg = cfg
@@ -90,42 +92,50 @@ class Secondary:
         self.qmp = qmp
         self._open: dict[str, OpenCycle] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._pins: dict[str, int] = {}  # restores in progress: no folding meanwhile
+        self.damage: dict[str, str] = {}  # uuid -> why the journal stops there
 
     def _lock(self, uuid: str) -> asyncio.Lock:
         return self._locks.setdefault(uuid, asyncio.Lock())
 
-    def domain_dir(self, uuid: str) -> str:
-        return os.path.join(self.cfg.storage, check_uuid(uuid))
+    def journal(self, uuid: str) -> JournalDir:
+        return JournalDir(os.path.join(self.cfg.storage, check_uuid(uuid)))
 
-    def base_path(self, uuid: str, target: str) -> str:
-        return os.path.join(self.domain_dir(uuid), f"{target}.qcow2")
+    def _prot(self, uuid: str) -> Any:
+        prot = self.store.protection(uuid, ROLE)
+        if prot is None:
+            raise StateConflictError(f"domain {uuid} is not replicated to this host", state="absent",
+                                     required="protected")
+        return prot
 
-    def segment_path(self, uuid: str, target: str, seq: int, *, partial: bool = False) -> str:
-        name = f"{target}.seg-{seq:08d}.qcow2" + (".partial" if partial else "")
-        return os.path.join(self.domain_dir(uuid), name)
+    def find(self, name: str) -> str:
+        """The uuid of the replica of domain ``name`` kept here."""
+        for prot in self.store.protections(ROLE):
+            if prot["domain"] == name or prot["domain_uuid"] == name:
+                return str(prot["domain_uuid"])
+        raise StateConflictError(f"no replica of domain {name!r} on this host", state="absent",
+                                 required="replica")
 
     # -- recovery -------------------------------------------------------------
 
     async def recover(self) -> None:
-        """Discard uncommitted segments; finish applying committed ones."""
+        """After a restart: finish an interrupted fold, discard segments that no
+        committed marker names, then let the reflecting unit catch up."""
         for prot in self.store.protections(ROLE):
             uuid = prot["domain_uuid"]
-            ddir = self.domain_dir(uuid)
-            if not os.path.isdir(ddir):
-                continue
-            committed = {m.seq: m for m in self.store.markers(uuid)}
-            for name in sorted(os.listdir(ddir)):
-                path = os.path.join(ddir, name)
-                if name.endswith(".partial"):
-                    os.unlink(path)
-                    self.store.audit("segment-discarded", uuid, file=name, why="no committed marker")
-                    log.warning("%s: discarded uncommitted segment %s", uuid, name)
-                elif ".seg-" in name:
-                    seq = int(name.split(".seg-")[1].split(".")[0])
-                    if seq not in committed:
+            async with self._lock(uuid):
+                if prot["folding"]:
+                    await self._fold_one(uuid, int(prot["folding"]), resume=True)
+                committed = {int(r["seq"]) for r in self.store.marker_rows(uuid)}
+                for _target, seq, partial, path in self.journal(uuid).entries():
+                    if partial or seq not in committed:
                         os.unlink(path)
-                        self.store.audit("segment-discarded", uuid, file=name, why="marker missing")
-            await self._apply_pending(uuid)
+                        why = "uncommitted" if partial else "no marker record"
+                        self.store.audit("segment-discarded", uuid, file=os.path.basename(path), why=why)
+                        log.warning("%s: discarded %s segment %s", uuid, why, os.path.basename(path))
+                if os.path.isdir(self.journal(uuid).root):
+                    fsync_path(self.journal(uuid).root)
+                await self._reflect(uuid)
 
     # -- peer operations --------------------------------------------------------
 
@@ -133,21 +143,28 @@ class Secondary:
                       protection: Mapping[str, Any]) -> dict[str, Any]:
         """Create (or check) the replica images for a domain's disks."""
         uuid = check_uuid(uuid)
+        checked = []
+        for disk in disks:
+            target = check_target(disk.get("target"))
+            size = disk.get("size")
+            if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= 1 << 50:
+                raise PeerRequestError(f"disk {target}: bad size {size!r:.30}")
+            checked.append((target, size))
+        if not checked or len({t for t, _ in checked}) != len(checked):
+            raise PeerRequestError("prepare needs distinct disk targets")
+        try:  # checked before anything is created: a refused prepare leaves nothing behind
+            prot = Protection(peer=primary, segment=str(protection.get("segment", "default")),
+                              rpo=int(protection.get("rpo", 300)), mode=str(protection.get("mode", "async")))
+        except (TypeError, ValueError) as e:
+            raise PeerRequestError(f"bad protection: {e}") from None
         async with self._lock(uuid):
-            ddir = self.domain_dir(uuid)
-            os.makedirs(ddir, mode=0o700, exist_ok=True)
-            for disk in disks:
-                target = check_target(disk.get("target"))
-                size = disk.get("size")
-                if not isinstance(size, int) or not 0 < size <= 1 << 50:
-                    raise PeerRequestError(f"disk {target}: bad size {size!r:.30}")
-                base = self.base_path(uuid, target)
-                if not os.path.exists(base):
-                    await _run("qemu-img", "create", "-q", "-f", "qcow2", base, str(size))
+            journal = self.journal(uuid)
+            os.makedirs(journal.root, mode=0o700, exist_ok=True)
+            for target, size in checked:
+                if not os.path.exists(journal.base(target)):
+                    await _run("qemu-img", "create", "-q", "-f", "qcow2", journal.base(target), str(size))
                 self.store.upsert_pair(uuid, ROLE, domain, target, primary, size, PairState.INITIAL_COPY)
             if self.store.protection(uuid, ROLE) is None:
-                prot = Protection(peer=primary, segment=str(protection.get("segment", "default")),
-                                  rpo=int(protection.get("rpo", 300)), mode=str(protection.get("mode", "async")))
                 self.store.add_protection(uuid, ROLE, domain, prot)
             last = self.store.last_marker(uuid)
             return {"last_marker": last.seq if last else 0}
@@ -156,7 +173,7 @@ class Secondary:
         """Export one writable image per disk for cycle ``seq``."""
         uuid = check_uuid(uuid)
         async with self._lock(uuid):
-            prot = self._require(uuid)
+            prot = self._prot(uuid)
             if kind not in ("full", "incremental"):
                 raise PeerRequestError(f"unknown cycle kind {kind!r:.20}")
             last = self.store.last_marker(uuid)
@@ -165,22 +182,28 @@ class Secondary:
                 raise PeerRequestError(f"cycle {seq} out of order: the next marker of {prot['domain']} is {expected}")
             known = {p.target: p for p in self.store.pairs(ROLE, uuid)}
             wanted = [check_target(t) for t in targets]
-            if not wanted or set(wanted) - set(known):
-                raise PeerRequestError(f"cycle names unknown disks {sorted(set(wanted) - set(known))}")
+            # A marker is a cut across all the domain's disks: a cycle covers every one, once.
+            if set(wanted) != set(known) or len(set(wanted)) != len(wanted):
+                raise PeerRequestError(f"cycle names disks {sorted(wanted)}, the domain has {sorted(known)}")
             if kind == "incremental" and last is None:
                 raise PeerRequestError("an incremental cycle needs a previous marker")
+            if uuid in self.damage:
+                raise JournalCorruptError(f"journal of {prot['domain']} is damaged: {self.damage[uuid]}")
             await self._close_open(uuid, discard=True)
+            await self._enforce_space(uuid)
+            journal = self.journal(uuid)
             cycle = OpenCycle(seq, kind)
             self._open[uuid] = cycle
             exports = {}
             for target in wanted:
-                pair_id = self._pair_id(uuid, target)
+                pair_id = self.store.pair_id(uuid, ROLE, target)
                 if last is None:
-                    path = self.base_path(uuid, target)
+                    path = journal.base(target)
                 else:
-                    path = self.segment_path(uuid, target, seq, partial=True)
+                    backing = journal.view(target, last.seq, int(prot["base_seq"]))
+                    path = journal.segment(target, seq, partial=True)
                     await _run("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
-                               os.path.basename(self.base_path(uuid, target)), path, str(known[target].size))
+                               os.path.basename(backing), path, str(known[target].size))
                 cycle.disks[target] = (pair_id, path)
                 await nodes.blockdev_add(self.qmp, commands.file_node(f"vs-p{pair_id}-f", path))
                 await nodes.blockdev_add(self.qmp, commands.qcow2_node(f"vs-p{pair_id}", f"vs-p{pair_id}-f"))
@@ -190,24 +213,45 @@ class Secondary:
 
     async def commit_cycle(self, uuid: str, seq: int, cut_time: float, nbytes: Mapping[str, int],
                            label: str = "", apply: bool = True) -> dict[str, Any]:
-        """Seal the cycle's segments and record its marker; then apply it."""
+        """Seal the cycle's segments and record its marker; then reflect."""
         uuid = check_uuid(uuid)
+        if len(label) > 128 or not label.isprintable():
+            raise PeerRequestError("a label is at most 128 printable characters")
+        if isinstance(cut_time, bool) or not isinstance(cut_time, (int, float)) or not math.isfinite(cut_time) \
+                or cut_time < 0:
+            raise PeerRequestError(f"bad cut time {cut_time!r:.30}")
+        for value in nbytes.values():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise PeerRequestError(f"bad byte count {value!r:.30}: bytes map disks to counts >= 0")
         async with self._lock(uuid):
             cycle = self._open.get(uuid)
             if cycle is None or cycle.seq != seq:
                 raise PeerRequestError(f"no open cycle {seq} for {uuid}")
+            if set(nbytes) != set(cycle.disks):
+                raise PeerRequestError(f"commit of cycle {seq} names disks {sorted(nbytes)}, "
+                                       f"the cycle has {sorted(cycle.disks)}")
             await self._close_open(uuid, discard=False)
-            ddir = self.domain_dir(uuid)
+            journal = self.journal(uuid)
+            segments: dict[str, Any] = {}
             for target, (_, path) in cycle.disks.items():
-                _fsync(path)
+                fsync_path(path)
                 if path.endswith(".partial"):
-                    os.replace(path, self.segment_path(uuid, target, seq))
-            _fsync(ddir)
-            marker = Marker(seq, uuid, float(cut_time), tuple(sorted(cycle.disks)),
-                            {k: int(v) for k, v in nbytes.items()}, label, apply)
-            self.store.commit_marker(marker)
+                    sealed = journal.segment(target, seq)
+                    os.replace(path, sealed)
+                    segments[target] = {"size": os.stat(sealed).st_size, "sha256": file_sha256(sealed)}
+            fsync_path(journal.root)
+            fault_point("seal-before-marker")
+            disks = sorted(cycle.disks)
+            marker = Marker(seq, uuid, float(cut_time), tuple(disks), {k: int(v) for k, v in nbytes.items()},
+                            label, apply)
+            crc = record_crc(seq, marker.cut_time, disks, marker.bytes, label, apply, segments)
+            self.store.commit_marker(marker, segments, crc)
+            if seq == 1:
+                # The first marker is the full copy into the base itself.
+                self.store.set_protection(uuid, ROLE, base_seq=1, applied=1)
             self.store.set_pair_state(uuid, ROLE, PairState.ACTIVE)
-            await self._apply_pending(uuid)
+            fault_point("marker-before-reflect")
+            await self._reflect(uuid)
             return {"seq": seq, "cut_time": marker.cut_time, "bytes": marker.bytes}
 
     async def abort_cycle(self, uuid: str, seq: int) -> None:
@@ -222,32 +266,219 @@ class Secondary:
         async with self._lock(uuid):
             await self._close_open(uuid, discard=True)
             if not keep_replica:
-                shutil.rmtree(self.domain_dir(uuid), ignore_errors=True)
+                shutil.rmtree(self.journal(uuid).root, ignore_errors=True)
                 self.store.drop_markers(uuid)
             if self.store.protection(uuid, ROLE) is not None:
                 self.store.remove_protection(uuid, ROLE)
 
     def info(self, uuid: str) -> dict[str, Any]:
         uuid = check_uuid(uuid)
+        prot = self.store.protection(uuid, ROLE)
         markers = self.store.markers(uuid)
+        applied = int(prot["applied"]) if prot else 0
+        base_seq = int(prot["base_seq"]) if prot else 0
+        journal = self.journal(uuid)
         return {
-            "protected": self.store.protection(uuid, ROLE) is not None,
+            "protected": prot is not None,
             "last_marker": markers[-1].seq if markers else 0,
+            "applied": applied,
+            "base_seq": base_seq,
+            "held": bool(prot["held"]) if prot else False,
+            "damage": self.damage.get(uuid),
+            "journal_bytes": journal.segment_bytes(),
+            "journal_limit": self.cfg.journal_max_bytes,
+            "replica": self.replica_views(uuid) if prot else {},
             "markers": [{"seq": m.seq, "cut_time": m.cut_time, "bytes": m.bytes, "label": m.label,
-                         "apply": m.apply, "applied": m.applied} for m in markers],
+                         "apply": m.apply, "applied": m.seq <= applied} for m in markers],
         }
 
+    # -- local journal commands -------------------------------------------------
+
+    async def set_held(self, uuid: str, held: bool) -> dict[str, Any]:
+        async with self._lock(uuid):
+            self._prot(uuid)
+            self.store.set_protection(uuid, ROLE, held=int(held))
+            self.store.audit("hold" if held else "release", uuid)
+            if not held:
+                await self._reflect(uuid)
+            return self.info(uuid)
+
+    async def apply(self, uuid: str, until: int | None) -> dict[str, Any]:
+        """Apply up to ``until`` (past no-apply markers and holds: it is asked
+        for explicitly), or as far as the policy allows."""
+        async with self._lock(uuid):
+            prot = self._prot(uuid)
+            if until is not None:
+                last = self.store.last_marker(uuid)
+                if until < int(prot["applied"]):
+                    raise StateConflictError(f"the replica is already at marker {prot['applied']}, past {until}: "
+                                             "use restore for an older marker", state=prot["applied"], required=until)
+                if last is None or until > last.seq:
+                    raise StateConflictError(f"no marker {until} (newest is {last.seq if last else 0})",
+                                             state=last.seq if last else 0, required=until)
+            await self._reflect(uuid, until=until)
+            reached = int(self._prot(uuid)["applied"])
+            if until is not None and reached < until:
+                # Asked for explicitly: say why it stopped short.
+                raise JournalCorruptError(f"stopped at marker {reached}: {self.damage.get(uuid, 'unknown reason')}")
+            return self.info(uuid)
+
+    def replica_views(self, uuid: str) -> dict[str, str]:
+        """The files whose chains are the replica's disks now."""
+        prot = self._prot(uuid)
+        journal = self.journal(uuid)
+        return {p.target: journal.view(p.target, int(prot["applied"]), int(prot["base_seq"]))
+                for p in self.store.pairs(ROLE, uuid)}
+
+    async def restore(self, uuid: str, seq: int, dest: str) -> dict[str, Any]:
+        """Write one qcow2 per disk as of marker ``seq`` into ``dest``.
+
+        Replication goes on meanwhile: only folding (which rewrites the base)
+        waits until the copy is done.
+        """
+        async with self._lock(uuid):
+            prot = self._prot(uuid)
+            base_seq = int(prot["base_seq"])
+            rows = {int(r["seq"]): r for r in self.store.marker_rows(uuid)}
+            if seq not in rows or seq < base_seq:
+                retained = f"{base_seq}..{max(rows)}" if rows else "none"
+                raise StateConflictError(f"marker {seq} is not retained (retained: {retained})", state=retained,
+                                         required=seq)
+            journal = self.journal(uuid)
+            for s in range(base_seq, seq + 1):
+                segments = verify_record(rows[s], s)
+                if s > base_seq:
+                    for target, entry in segments.items():
+                        verify_segment(journal, s, target, entry, full_hash=True)
+            views = {t: journal.view(t, seq, base_seq) for t in json.loads(rows[seq]["disks"])}
+            self._pins[uuid] = self._pins.get(uuid, 0) + 1
+        try:
+            os.makedirs(dest, mode=0o700, exist_ok=True)
+            written = {}
+            for target, view in sorted(views.items()):
+                out = os.path.join(dest, f"{target}.qcow2")
+                await _run("qemu-img", "convert", "-U", "-f", "qcow2", "-O", "qcow2", view, out + ".partial")
+                fsync_path(out + ".partial")
+                os.replace(out + ".partial", out)
+                written[target] = out
+            fsync_path(dest)
+            self.store.audit("restore", uuid, seq=seq, dest=dest)
+            return {"marker": seq, "disks": written}
+        finally:
+            self._pins[uuid] -= 1
+
+    # -- the reflecting unit ------------------------------------------------------
+
+    async def _reflect(self, uuid: str, until: int | None = None) -> None:
+        """Move the replica forward over verified markers, then apply retention.
+        Called with the domain's lock held."""
+        prot = self._prot(uuid)
+        applied = int(prot["applied"])
+        rows = [r for r in self.store.marker_rows(uuid) if int(r["seq"]) > applied]
+        now = time.time()
+        journal = self.journal(uuid)
+        for row in rows:
+            seq = int(row["seq"])
+            if until is not None:
+                if seq > until:
+                    break
+            else:
+                if prot["held"] or not row["apply"] or row["cut_time"] > now - self.cfg.apply_delay:
+                    break
+            try:
+                segments = verify_record(row, applied + 1)
+                for target, entry in segments.items():
+                    verify_segment(journal, seq, target, entry, full_hash=True)
+            except JournalCorruptError as e:
+                self._report_damage(uuid, str(e))
+                break
+            self.store.set_protection(uuid, ROLE, applied=seq)
+            applied = seq
+            fault_point("apply-after-pointer")
+        await self._retain(uuid)
+
+    def _report_damage(self, uuid: str, why: str) -> None:
+        if self.damage.get(uuid) != why:
+            log.error("%s: journal damaged, nothing past it is applied: %s", uuid, why)
+            self.store.audit("journal-damaged", uuid, why=why)
+            self.store.set_pair_state(uuid, ROLE, PairState.ERROR, f"journal damaged: {why}")
+        self.damage[uuid] = why
+
+    async def _retain(self, uuid: str, *, squeeze: bool = False) -> None:
+        """Fold applied markers beyond the retention into the base (oldest first).
+        ``squeeze`` ignores retention (journal full, policy "apply")."""
+        if self._pins.get(uuid) or uuid in self._open:
+            return
+        while True:
+            prot = self._prot(uuid)
+            base_seq, applied = int(prot["base_seq"]), int(prot["applied"])
+            if base_seq == 0 or base_seq >= applied:
+                return
+            rows = {int(r["seq"]): r for r in self.store.marker_rows(uuid)}
+            newer_applied = applied - base_seq
+            old_enough = rows[base_seq]["cut_time"] < time.time() - self.cfg.retain_seconds
+            if not squeeze and (newer_applied < self.cfg.retain_markers or not old_enough):
+                return
+            await self._fold_one(uuid, base_seq + 1)
+            if squeeze and self.journal(uuid).segment_bytes() <= self.cfg.journal_max_bytes:
+                return
+
+    async def _fold_one(self, uuid: str, seq: int, *, resume: bool = False) -> None:
+        """Fold marker ``seq``'s segments into the base; the base becomes marker ``seq``."""
+        journal = self.journal(uuid)
+        self.store.set_protection(uuid, ROLE, folding=seq)
+        fault_point("fold-after-intent")
+        row = next(r for r in self.store.marker_rows(uuid) if int(r["seq"]) == seq)
+        for target in json.loads(row["disks"]):
+            seg = journal.segment(target, seq)
+            nxt = journal.segment(target, seq + 1)
+            if os.path.exists(seg):
+                await _run("qemu-img", "commit", "-q", "-d", "-f", "qcow2", seg)
+                fsync_path(journal.base(target))
+                fault_point("fold-after-commit")
+                if os.path.exists(nxt):
+                    await _run("qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b",
+                               os.path.basename(journal.base(target)), nxt)
+                    fsync_path(nxt)
+                    self._refresh_segment_record(uuid, seq + 1, target, nxt)
+                os.unlink(seg)
+        fsync_path(journal.root)
+        with self.store.transaction() as db:
+            db.execute("UPDATE protections SET base_seq = ?, folding = 0 WHERE domain_uuid = ? AND role = ?",
+                       (seq, uuid, ROLE))
+            db.execute("DELETE FROM markers WHERE domain_uuid = ? AND seq < ?", (uuid, seq))
+            self.store.audit("fold", uuid, base_seq=seq, resumed=resume)
+
+    def _refresh_segment_record(self, uuid: str, seq: int, target: str, path: str) -> None:
+        """Re-hash a segment whose header changed (rebase) and re-seal its record."""
+        row = next((r for r in self.store.marker_rows(uuid) if int(r["seq"]) == seq), None)
+        if row is None:
+            return
+        segments = json.loads(row["segments"])
+        segments[target] = {"size": os.stat(path).st_size, "sha256": file_sha256(path)}
+        crc = record_crc(seq, float(row["cut_time"]), json.loads(row["disks"]), json.loads(row["bytes"]),
+                         str(row["label"]), bool(row["apply"]), segments)
+        self.store.reseal_marker(uuid, seq, segments, crc)
+
+    async def _enforce_space(self, uuid: str) -> None:
+        limit = self.cfg.journal_max_bytes
+        if not limit:
+            return
+        used = self.journal(uuid).segment_bytes()
+        if used <= limit:
+            return
+        self.store.audit("journal-full", uuid, used=used, limit=limit, policy=self.cfg.journal_on_full)
+        log.warning("%s: journal uses %d bytes, over its limit of %d (policy %s)", uuid, used, limit,
+                    self.cfg.journal_on_full)
+        if self.cfg.journal_on_full == "apply":
+            await self._reflect(uuid, until=self.store.last_marker(uuid).seq)  # type: ignore[union-attr]
+            await self._retain(uuid, squeeze=True)
+            used = self.journal(uuid).segment_bytes()
+        if used > limit:
+            raise JournalFullError(f"journal full: {used} bytes used, limit {limit}; "
+                                   "apply or release markers on the secondary, or raise journal.max_bytes")
+
     # -- internals ------------------------------------------------------------
-
-    def _require(self, uuid: str) -> Any:
-        prot = self.store.protection(uuid, ROLE)
-        if prot is None:
-            raise StateConflictError(f"domain {uuid} is not replicated to this host", state="absent",
-                                     required="protected")
-        return prot
-
-    def _pair_id(self, uuid: str, target: str) -> int:
-        return self.store.pair_id(uuid, ROLE, target)
 
     async def _close_open(self, uuid: str, *, discard: bool) -> None:
         """Remove a cycle's exports and nodes (closing flushes the images)."""
@@ -264,21 +495,3 @@ class Secondary:
                     os.unlink(path)
         if discard:
             self.store.audit("cycle-discarded", uuid, seq=cycle.seq)
-
-    async def _apply_pending(self, uuid: str) -> None:
-        """Commit sealed segments of applicable markers into the replica, in order."""
-        for marker in self.store.markers(uuid):
-            if marker.applied:
-                continue
-            if not marker.apply:
-                break  # never pass a marker that forbids it
-            for target in marker.disks:
-                seg = self.segment_path(uuid, target, marker.seq)
-                if os.path.exists(seg):
-                    started = time.monotonic()
-                    await _run("qemu-img", "commit", "-q", "-d", "-f", "qcow2", seg)
-                    _fsync(self.base_path(uuid, target))
-                    os.unlink(seg)
-                    log.debug("%s: applied %s in %.3fs", uuid, os.path.basename(seg), time.monotonic() - started)
-            _fsync(self.domain_dir(uuid))
-            self.store.set_marker_applied(uuid, marker.seq)

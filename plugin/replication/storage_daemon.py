@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import shutil
+import signal
 
 from qemu_blockdev import nodes
 from qemu_blockdev.qmp_socket import QmpSocketTransport
@@ -15,6 +17,16 @@ from qemu_blockdev.qmp_socket import QmpSocketTransport
 from ..errors import PluginError
 
 log = logging.getLogger("virtsync.qsd")
+
+
+def _die_with_parent() -> None:
+    """Runs in the child: the daemon ends when the agent does, even by SIGKILL,
+    so a restarted agent finds its NBD address free."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+PR_SET_PDEATHSIG = 1
 
 
 class StorageDaemonError(PluginError):
@@ -47,7 +59,7 @@ class StorageDaemon:
             self._proc = await asyncio.create_subprocess_exec(
                 binary, "--chardev", f"socket,id=vs-mon,path={self.qmp_path},server=on,wait=off",
                 "--monitor", "chardev=vs-mon", stdin=asyncio.subprocess.DEVNULL, stdout=log_file,
-                stderr=log_file)
+                stderr=log_file, preexec_fn=_die_with_parent)
         finally:
             log_file.close()
         self.qmp = QmpSocketTransport(self.qmp_path, name="vs-qsd")

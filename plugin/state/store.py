@@ -29,6 +29,10 @@ CREATE TABLE IF NOT EXISTS protections (
     mode TEXT NOT NULL DEFAULT 'async',
     suspended INTEGER NOT NULL DEFAULT 0,
     generation INTEGER NOT NULL DEFAULT 0,
+    held INTEGER NOT NULL DEFAULT 0,
+    applied INTEGER NOT NULL DEFAULT 0,
+    base_seq INTEGER NOT NULL DEFAULT 0,
+    folding INTEGER NOT NULL DEFAULT 0,
     created REAL NOT NULL,
     PRIMARY KEY (domain_uuid, role)
 );
@@ -57,6 +61,8 @@ CREATE TABLE IF NOT EXISTS markers (
     label TEXT NOT NULL DEFAULT '',
     apply INTEGER NOT NULL DEFAULT 1,
     applied INTEGER NOT NULL DEFAULT 0,
+    segments TEXT NOT NULL DEFAULT '{}',
+    crc TEXT NOT NULL DEFAULT '',
     committed REAL NOT NULL,
     PRIMARY KEY (domain_uuid, seq)
 );
@@ -138,7 +144,7 @@ class Store:
         return self._db.execute("SELECT * FROM protections WHERE role = ? ORDER BY domain", (role,)).fetchall()
 
     def set_protection(self, uuid: str, role: str, **values: Any) -> None:
-        allowed = {"suspended", "generation", "domain", "rpo", "segment"}
+        allowed = {"suspended", "generation", "domain", "rpo", "segment", "held", "applied", "base_seq", "folding"}
         if not values or set(values) - allowed:
             raise ValueError(f"cannot set {sorted(values)}")
         cols = ", ".join(f"{k} = ?" for k in values)
@@ -209,15 +215,15 @@ class Store:
 
     # -- markers ------------------------------------------------------------
 
-    def commit_marker(self, marker: Marker) -> None:
+    def commit_marker(self, marker: Marker, segments: dict[str, Any] | None = None, crc: str = "") -> None:
         """Record a marker: after this returns, the cut is durable."""
         with self.transaction() as db:
             db.execute(
-                "INSERT INTO markers (domain_uuid, seq, cut_time, disks, bytes, label, apply, applied, committed)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO markers (domain_uuid, seq, cut_time, disks, bytes, label, apply, applied, segments,"
+                " crc, committed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (marker.domain_uuid, marker.seq, marker.cut_time, json.dumps(list(marker.disks)),
                  json.dumps(marker.bytes, sort_keys=True), marker.label, int(marker.apply), int(marker.applied),
-                 time.time()))
+                 json.dumps(segments or {}, sort_keys=True), crc, time.time()))
             db.execute("UPDATE pairs SET last_marker = ? WHERE domain_uuid = ? AND role = 'secondary'",
                        (marker.seq, marker.domain_uuid))
             self.audit("marker", marker.domain_uuid, seq=marker.seq, bytes=marker.bytes, label=marker.label)
@@ -234,8 +240,21 @@ class Store:
         markers = self.markers(uuid)
         return markers[-1] if markers else None
 
-    def drop_markers(self, uuid: str) -> None:
-        self._db.execute("DELETE FROM markers WHERE domain_uuid = ?", (uuid,))
+    def drop_markers(self, uuid: str, below: int | None = None) -> None:
+        """Forget a domain's markers (all, or those with seq < ``below``)."""
+        if below is None:
+            self._db.execute("DELETE FROM markers WHERE domain_uuid = ?", (uuid,))
+        else:
+            self._db.execute("DELETE FROM markers WHERE domain_uuid = ? AND seq < ?", (uuid, below))
+
+    def reseal_marker(self, uuid: str, seq: int, segments: dict[str, Any], crc: str) -> None:
+        """Replace a marker's segment hashes after a metadata-only change (rebase)."""
+        self._db.execute("UPDATE markers SET segments = ?, crc = ? WHERE domain_uuid = ? AND seq = ?",
+                         (json.dumps(segments, sort_keys=True), crc, uuid, seq))
+
+    def marker_rows(self, uuid: str) -> list[sqlite3.Row]:
+        """Raw marker rows, for the journal's own verification."""
+        return self._db.execute("SELECT * FROM markers WHERE domain_uuid = ? ORDER BY seq", (uuid,)).fetchall()
 
     # -- cycles (primary side history, for lag and throughput) ---------------
 

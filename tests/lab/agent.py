@@ -24,7 +24,8 @@ NBD_PORT = 10809
 class LabAgent:
     """One agent; its state and replicas live under the host's root dir."""
 
-    def __init__(self, host: LabHost, peers: dict[str, LabHost], **replication: Any) -> None:
+    def __init__(self, host: LabHost, peers: dict[str, LabHost], journal: dict[str, Any] | None = None,
+                 **replication: Any) -> None:
         self.host = host
         self.dir = Path(host.root) / "virtsync"
         self.dir.mkdir(mode=0o700, exist_ok=True)
@@ -44,6 +45,8 @@ class LabAgent:
             f"port = {NBD_PORT}",
             f'storage = "{self.storage}"',
             *(f"{k} = {v!r}" for k, v in replication.items()),
+            "[journal]",
+            *(f"{k} = {v!r}" for k, v in (journal or {}).items()),
         ]
         for name, peer in peers.items():
             lines += [f"[peers.{name}]", f'address = "{peer.address}:{PEER_PORT}"']
@@ -53,11 +56,15 @@ class LabAgent:
     def storage(self) -> Path:
         return self.dir / "replicas"
 
-    def start(self, timeout: float = 20.0) -> None:
+    def start(self, timeout: float = 20.0, fault: str | None = None) -> None:
+        """Start the agent; ``fault`` names a crash point (plugin/faults.py)."""
         argv = ["ip", "netns", "exec", self.host.netns, sys.executable, "-m", "plugin.daemon",
                 "--config", str(self.config), "--debug"]
         root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ, PYTHONPATH=root)
+        env.pop("VIRTSYNC_FAULT", None)
+        if fault:
+            env["VIRTSYNC_FAULT"] = fault
         self.proc = procs.spawn(argv, log_path=str(self.log), env=env, cwd=root)
         deadline = time.monotonic() + timeout
         while True:
@@ -75,6 +82,13 @@ class LabAgent:
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None:
             procs.end(self.proc, sig=sig, timeout=15)
+
+    def wait_dead(self, timeout: float = 30.0) -> int:
+        """Wait for an agent that is meant to die (a fault point); its exit code."""
+        assert self.proc is not None
+        code = self.proc.wait(timeout)
+        procs.end(self.proc)
+        return code
 
     def tail(self, lines: int = 40) -> str:
         try:

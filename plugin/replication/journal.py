@@ -1,0 +1,130 @@
+"""A domain's journal on the secondary: files, records and their checks.
+
+::
+
+    <storage>/<domain uuid>/
+        vda.base.qcow2                  the journal's base: the view at marker ``base_seq``
+        vda.seg-00000007.qcow2          sealed segment of marker 7; backing = marker 6's (or the base)
+        vda.seg-00000008.qcow2.partial  being written by a cycle; discarded unless sealed
+
+A marker record (sqlite) names each disk's sealed segment with its size and
+SHA-256 and carries a CRC over the whole record. The view of a disk at marker M
+is M's segment (or the base when M is ``base_seq``) with its backing chain.
+Nothing is trusted that has not been checked: a record whose CRC, sequence,
+segment file, size, hash or backing link is wrong stops everything after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+from ..errors import JournalCorruptError
+
+SEGMENT_RE = re.compile(r"^(?P<target>[A-Za-z0-9]{1,16})\.seg-(?P<seq>\d{8})\.qcow2(?P<partial>\.partial)?$")
+
+
+def record_crc(seq: int, cut_time: float, disks: list[str], nbytes: Mapping[str, int], label: str, apply: bool,
+               segments: Mapping[str, Any]) -> str:
+    """CRC-32 over the canonical JSON of a marker record."""
+    canon = json.dumps({"seq": seq, "cut_time": cut_time, "disks": disks, "bytes": dict(nbytes), "label": label,
+                        "apply": apply, "segments": dict(segments)}, sort_keys=True, separators=(",", ":"))
+    return f"{zlib.crc32(canon.encode()):08x}"
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class JournalDir:
+    """File names and lookups for one domain's journal directory."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def base(self, target: str) -> str:
+        return os.path.join(self.root, f"{target}.base.qcow2")
+
+    def segment(self, target: str, seq: int, *, partial: bool = False) -> str:
+        return os.path.join(self.root, f"{target}.seg-{seq:08d}.qcow2" + (".partial" if partial else ""))
+
+    def entries(self) -> list[tuple[str, int, bool, str]]:
+        """(target, seq, partial, path) of every segment file present."""
+        out = []
+        if os.path.isdir(self.root):
+            for name in sorted(os.listdir(self.root)):
+                m = SEGMENT_RE.match(name)
+                if m:
+                    out.append((m["target"], int(m["seq"]), bool(m["partial"]), os.path.join(self.root, name)))
+        return out
+
+    def view(self, target: str, seq: int, base_seq: int) -> str:
+        """The file whose chain is the disk as of marker ``seq``."""
+        return self.base(target) if seq == base_seq else self.segment(target, seq)
+
+    def segment_bytes(self) -> int:
+        """Space the journal's segments take (what the journal limit bounds)."""
+        total = 0
+        for _, _, _, path in self.entries():
+            try:
+                total += os.stat(path).st_blocks * 512
+            except FileNotFoundError:
+                pass
+        return total
+
+
+def verify_record(row: Mapping[str, Any], expected_seq: int) -> dict[str, Any]:
+    """Check a marker row's framing; return its segments map.
+
+    :raise JournalCorruptError: wrong sequence or CRC, unreadable fields
+    """
+    seq = int(row["seq"])
+    if seq != expected_seq:
+        raise JournalCorruptError(f"marker {expected_seq} is missing (found {seq} next): journal out of order")
+    try:
+        disks = json.loads(row["disks"])
+        nbytes = json.loads(row["bytes"])
+        segments = json.loads(row["segments"])
+    except (TypeError, ValueError) as e:
+        raise JournalCorruptError(f"marker {seq}: unreadable record ({e})") from None
+    crc = record_crc(seq, float(row["cut_time"]), disks, nbytes, str(row["label"]), bool(row["apply"]), segments)
+    if crc != row["crc"]:
+        raise JournalCorruptError(f"marker {seq}: record checksum mismatch (stored {row['crc']!r}, computed {crc})")
+    if not isinstance(segments, dict):
+        raise JournalCorruptError(f"marker {seq}: segments are not a map")
+    return segments
+
+
+def verify_segment(journal: JournalDir, seq: int, target: str, entry: Mapping[str, Any], *,
+                   full_hash: bool) -> None:
+    """Check one sealed segment file against its record.
+
+    :raise JournalCorruptError: missing, truncated, altered, or linked to the wrong backing
+    """
+    path = journal.segment(target, seq)
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        raise JournalCorruptError(f"marker {seq}: segment {os.path.basename(path)} is missing") from None
+    if size != entry.get("size"):
+        raise JournalCorruptError(f"marker {seq}: segment {os.path.basename(path)} is {size} bytes, "
+                                  f"recorded {entry.get('size')} (truncated or altered)")
+    if full_hash and file_sha256(path) != entry.get("sha256"):
+        raise JournalCorruptError(f"marker {seq}: segment {os.path.basename(path)} content does not match its hash")
