@@ -70,7 +70,9 @@ def site(lab_pair: LabPair, tmp_path) -> Iterator[dict]:  # type: ignore[no-unty
 
 
 def replica_paths(site: dict, uuid: str) -> list[str]:  # type: ignore[type-arg]
-    return [str(site["sec"].storage / uuid / f"vd{chr(97 + i)}.qcow2") for i in range(DISKS)]
+    """The replica's disks as the secondary reports them (chain tops at the applied marker)."""
+    views = site["sec"].call("markers", domain=GUEST)["replica"]
+    return [views[t] for t in sorted(views)]
 
 
 def check_replica(site: dict, uuid: str, oracle: stamps.Oracle) -> int:  # type: ignore[type-arg]
