@@ -14,7 +14,7 @@ unit: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit
 
 demo: setup
-	$(PY) -m plugin.demo
+	$(PY) scripts/demo.py
 
 bench: setup
 	$(PY) -m bench
