@@ -1,4 +1,5 @@
-"""``virtsync``: the command-line front end. It only talks to the daemon over :mod:`plugin.ipc`.
+"""``virtsync``: the command-line front end. It talks to the daemon over :mod:`plugin.ipc`
+(``hook`` and ``keys`` work on local files instead, without the daemon).
 
 Every subcommand validates its arguments before anything is sent (bad usage: one line on
 stderr, exit 2), sends one request named like the subcommand, and prints the result as a
@@ -608,9 +609,178 @@ class RestoreCommand(_DomainCommand):
             f"  {one_line(str(t))}: {one_line(str(p))}" for t, p in sorted(disks.items())]
 
 
+class TrackerCommand(Command):
+    name = "tracker"
+    help = "the disk-list changes the mapping tracker has seen, and what it did"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("domain", metavar="DOMAIN", nargs="?", type=_name("domain"), help="only this domain")
+
+    def request_args(self, args: argparse.Namespace) -> dict[str, Any]:
+        return {"domain": args.domain}
+
+    def render(self, result: object, args: argparse.Namespace) -> list[str]:
+        changes = _dicts(_field(result, "changes"))
+        if not isinstance(result, dict):
+            return super().render(result, args)
+        if not changes:
+            return ["no disk changes seen"]
+        rows = [[_time(c.get("time")), _cell(c.get("domain")), _cell(c.get("kind")), _cell(c.get("target")),
+                 _cell(c.get("detail")), _cell(c.get("reason")), _cell(c.get("action"))] for c in changes]
+        return table(("TIME", "DOMAIN", "CHANGE", "TARGET", "DETAIL", "SEEN ON", "ACTION"), rows)
+
+
+class HookCommand(Command):
+    """``virtsync hook install|uninstall [--dir DIR]``: runs locally, without the daemon.
+
+    The hook gets the socket this CLI would use (--socket, $VIRTSYNC_SOCKET, ``[agent] socket``)
+    and the spool ``<[agent] state_dir>/hook-spool.jsonl`` baked in, and this interpreter in
+    its ``#!`` line. :mod:`plugin.hook` is imported here only, so other commands stay lean.
+    """
+
+    name = "hook"
+    help = "install or remove the libvirt qemu hook (local; no daemon needed)"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("action", choices=("install", "uninstall"), help="what to do")
+        parser.add_argument("--dir", metavar="DIR", type=_path, default="/etc/libvirt/hooks/qemu.d",
+                            help="libvirt's qemu hook directory (default /etc/libvirt/hooks/qemu.d)")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from plugin import hook
+
+        if args.action == "uninstall":
+            removed = hook.uninstall(args.dir)
+            path = os.path.join(args.dir, hook.HOOK_NAME)
+            result: dict[str, Any] = {"action": "uninstall", "path": path, "removed": removed}
+            text = [f"removed {path}" if removed else f"no hook at {path}"]
+        else:
+            config = args.config or os.environ.get("VIRTSYNC_CONFIG") or DEFAULT_CONFIG
+            explicit = bool(args.config or os.environ.get("VIRTSYNC_CONFIG"))
+            spool = hook.spool_path(hook.state_dir_from_config(config, explicit))
+            socket_path = os.path.abspath(args.socket)
+            target = hook.install(args.dir, socket_path=socket_path, spool=spool)
+            result = {"action": "install", "path": str(target), "socket": socket_path, "spool": spool,
+                      "interpreter": sys.executable}
+            text = [f"installed {target}", f"  socket: {socket_path}", f"  spool:  {spool}",
+                    "libvirtd reads hooks only at start or on SIGHUP: reload it (systemctl reload libvirtd)"]
+        if args.json:
+            print(json.dumps(result, sort_keys=True, indent=2))
+        else:
+            for line in text:
+                print(one_line(line))
+        return 0
+
+
+class KeysCommand(Command):
+    """``virtsync keys init|import|show``: TLS material in ``[agent] keys_dir``; runs locally,
+    without the daemon (:mod:`plugin.keys` describes the files and how a pair is set up).
+
+    No secret is ever printed: only paths and certificate fingerprints.
+    """
+
+    name = "keys"
+    help = "TLS keys for the data and control links (local; no daemon needed)"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        actions = parser.add_subparsers(metavar="ACTION", dest="keys_action", required=True)
+        init = actions.add_parser("init", help="this host's identity (if missing) and a new NBD key for PEER",
+                                  description="Create this agent's key and certificate if missing, and the "
+                                  "NBD pre-shared key shared with PEER if missing; print what to copy to PEER.")
+        init.add_argument("peer", metavar="PEER", type=_name("peer"), help="peer agent name")
+        init.add_argument("--renew", action="store_true",
+                          help="replace this host's key and certificate (every peer must import the new one)")
+        imp = actions.add_parser("import", help="pin PEER's certificate and/or take the NBD key PEER made",
+                                 description="Pin PEER's certificate (its keys_dir/agent.crt) and/or store the "
+                                 "NBD key that 'keys init' made on PEER (its keys_dir/<this host>/keys.psk).")
+        imp.add_argument("peer", metavar="PEER", type=_name("peer"), help="peer agent name")
+        imp.add_argument("--cert", metavar="FILE", type=_path, help="PEER's certificate (agent.crt)")
+        imp.add_argument("--psk", metavar="FILE", type=_path, help="the pair's NBD key file (keys.psk)")
+        actions.add_parser("show", help="this host's fingerprint and each peer's keys (no secret shown)")
+        for sub in actions.choices.values():
+            _add_global_options(sub, in_subcommand=True)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from plugin import config as config_mod
+        from plugin import keys
+
+        path = args.config or os.environ.get("VIRTSYNC_CONFIG") or DEFAULT_CONFIG
+        cfg = config_mod.load(path)
+        kd = keys.KeysDir(cfg.keys_dir, cfg.name)
+        result: dict[str, Any] = {"keys_dir": cfg.keys_dir, "name": cfg.name}
+        text: list[str] = []
+        if args.keys_action == "show":
+            result["fingerprint"] = kd.fingerprint()
+            peers = []
+            names = set(cfg.peers)
+            if os.path.isdir(cfg.keys_dir):
+                names |= {n for n in os.listdir(cfg.keys_dir) if os.path.isdir(os.path.join(cfg.keys_dir, n))
+                          and not n.startswith(".") and n != cfg.name}
+            for peer_name in sorted(names):
+                entry: dict[str, Any] = {"peer": peer_name, "configured": peer_name in cfg.peers,
+                                         "insecure_plain": peer_name in cfg.peers and cfg.peers[peer_name].insecure_plain}
+                try:
+                    with open(kd.peer_cert_path(peer_name)) as f:
+                        entry["cert_fingerprint"] = keys.fingerprint(f.read())
+                except (OSError, ValueError, keys.KeyFileError):
+                    entry["cert_fingerprint"] = None
+                try:
+                    kd.peer_psk(peer_name)
+                    entry["nbd_key"] = "ok"
+                except keys.KeyFileError as e:
+                    entry["nbd_key"] = "missing" if "no NBD key" in str(e) else f"unusable: {e}"
+                peers.append(entry)
+            result["peers"] = peers
+            text.append(f"{cfg.name}: {result['fingerprint'] or 'no identity yet (virtsync keys init PEER)'}")
+            text += table(("PEER", "CERTIFICATE", "NBD KEY", "NOTE"), [
+                [p["peer"], p["cert_fingerprint"] or "not pinned", p["nbd_key"],
+                 "insecure_plain" if p["insecure_plain"] else ("" if p["configured"] else "not in config")]
+                for p in peers]) if peers else ["no peers"]
+        else:
+            peer_name = args.peer
+            kd.peer_dir(peer_name)  # refuses this host's own name
+            if peer_name not in cfg.peers:
+                print(f"virtsync: note: {one_line(peer_name)} is not a peer in {one_line(path)} yet", file=sys.stderr)
+            if args.keys_action == "import" and not (args.cert or args.psk):
+                raise ConfigError("keys import needs --cert FILE, --psk FILE or both")
+            created = kd.ensure_identity(renew=bool(getattr(args, "renew", False)))
+            result.update(fingerprint=kd.fingerprint(), identity_created=created, cert=kd.cert_path)
+            text.append(f"identity: {kd.cert_path} ({'created' if created else 'exists'}) {result['fingerprint']}")
+            if args.keys_action == "init":
+                made = kd.ensure_psk(peer_name)
+                result.update(psk=kd.psk_path(peer_name), psk_created=made)
+                text += [f"NBD key for {peer_name}: {kd.psk_path(peer_name)} "
+                         f"({'created' if made else 'exists'}; secret, not shown)",
+                         f"next: copy {kd.cert_path} and {kd.psk_path(peer_name)} to {peer_name} over a "
+                         f"secure channel (scp) and run there:",
+                         f"  virtsync keys import {cfg.name} --cert FILE --psk FILE"]
+                if not os.path.exists(kd.peer_cert_path(peer_name)):
+                    text.append(f"then pin {peer_name}'s certificate here: "
+                                f"virtsync keys import {peer_name} --cert FILE")
+            else:
+                if args.cert:
+                    fp, changed = kd.import_cert(peer_name, args.cert)
+                    result.update(peer_cert=kd.peer_cert_path(peer_name), peer_fingerprint=fp, cert_changed=changed)
+                    text.append(f"{peer_name}: certificate {fp} pinned in {kd.peer_cert_path(peer_name)}"
+                                + ("" if changed else " (unchanged)"))
+                if args.psk:
+                    changed = kd.import_psk(peer_name, args.psk)
+                    result.update(psk=kd.psk_path(peer_name), psk_changed=changed)
+                    text.append(f"{peer_name}: NBD key stored in {kd.psk_path(peer_name)}"
+                                + ("" if changed else " (unchanged)") + "; secret, not shown")
+            text.append("restart the agent to use new keys; compare fingerprints with 'virtsync keys show' on both hosts")
+        if args.json:
+            print(json.dumps(result, sort_keys=True, indent=2))
+        else:
+            for line in text:
+                print(one_line(line, 1000))
+        return 0
+
+
 COMMANDS: tuple[type[Command], ...] = (StatusCommand, ProtectCommand, UnprotectCommand, PairsCommand,
                                        SuspendCommand, ResumeCommand, MarkCommand, MarkersCommand,
-                                       ApplyCommand, HoldCommand, ReleaseCommand, RestoreCommand)
+                                       ApplyCommand, HoldCommand, ReleaseCommand, RestoreCommand,
+                                       TrackerCommand, HookCommand, KeysCommand)
 
 
 def build_parser() -> _Parser:

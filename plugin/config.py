@@ -6,7 +6,9 @@
     name = "pri"                      # this host's name, as its peers call it
     listen = "10.250.0.1:8441"        # peer API; never a wildcard address
     socket = "/run/virtsync/agent.sock"
+    socket_group = "libvirt"          # group of the socket (mode 0660); default libvirt if it exists
     state_dir = "/var/lib/virtsync"
+    keys_dir = "/etc/virtsync/keys"   # TLS identity, pinned peer certificates, NBD keys (virtsync keys)
     libvirt_uri = "qemu:///system"
 
     [replication]                     # replicas this host keeps for its peers
@@ -23,6 +25,11 @@
 
     [peers.dr1]
     address = "10.250.0.2:8441"
+    # insecure_plain = true           # plain HTTP and NBD with this peer: isolated networks only
+
+Links with peers use TLS unless a peer says ``insecure_plain = true``; this
+host runs one peer API port and one NBD server, so either every peer is plain
+or none is.
 
 Every error is a :class:`ConfigError` naming the file and the key.
 """
@@ -40,6 +47,7 @@ from .domain import PeerSpec
 from .errors import ConfigError
 
 DEFAULT_PATH = "/etc/virtsync/virtsync.toml"
+DEFAULT_KEYS_DIR = "/etc/virtsync/keys"
 WILDCARDS = {"0.0.0.0", "::", "[::]", "", "*"}
 MAX_SIZE = 1 << 20  # a config file larger than this is refused, never read in part
 MAX_MESSAGE = 400
@@ -51,7 +59,9 @@ class Config:
     listen_host: str
     listen_port: int
     socket: str = "/run/virtsync/agent.sock"
+    socket_group: str | None = None  # None: "libvirt" when that group exists
     state_dir: str = "/var/lib/virtsync"
+    keys_dir: str = DEFAULT_KEYS_DIR
     libvirt_uri: str = "qemu:///system"
     replication_address: str = "127.0.0.1"
     replication_port: int = 10809
@@ -61,6 +71,7 @@ class Config:
     stall_after: float = 10.0
     min_cycle_interval: float = 1.0
     speed_limit: int = 0  # bytes/s per disk job; 0 = unlimited
+    tracker_interval: float = 30.0
     apply_delay: float = 0.0
     retain_markers: int = 4
     retain_seconds: float = 0.0
@@ -71,6 +82,11 @@ class Config:
     @property
     def db_path(self) -> str:
         return os.path.join(self.state_dir, "state.db")
+
+    @property
+    def tls(self) -> bool:
+        """TLS on the peer API and NBD: unless every peer is explicitly plain (never by default)."""
+        return not self.peers or not all(p.insecure_plain for p in self.peers.values())
 
     def peer(self, name: str) -> PeerSpec:
         try:
@@ -158,10 +174,10 @@ def _check_values(cfg: Config) -> None:
         if not math.isfinite(value) or (value <= minimum if minimum is not None else value < 0):
             need = "> 0" if minimum is not None else ">= 0"
             raise ConfigError(f"replication.{key} must be a finite number of seconds {need}, not {value!r}")
-    for key, value in (("agent.socket", cfg.socket), ("agent.state_dir", cfg.state_dir),
-                       ("replication.storage", cfg.storage)):
-        if not value or "\0" in value:
-            raise ConfigError(f"{key} must be a non-empty path without NUL characters")
+    for name, path in (("agent.socket", cfg.socket), ("agent.state_dir", cfg.state_dir),
+                       ("agent.keys_dir", cfg.keys_dir), ("replication.storage", cfg.storage)):
+        if not path or "\0" in path:
+            raise ConfigError(f"{name} must be a non-empty path without NUL characters")
 
 
 def _one_line(text: str) -> str:
@@ -236,7 +252,15 @@ def _parse_doc(doc: dict[str, Any], path: str) -> Config:
         if peer_name == name:
             raise ConfigError(f"{path}: peers.{peer_name} has this host's own name")
         p_host, p_port = _split_hostport(table.get("address"), f"{path}: peers.{peer_name}.address")
-        peers[peer_name] = PeerSpec(peer_name, p_host, p_port)
+        plain = _get(table, "insecure_plain", bool, f"peers.{peer_name}", False)
+        peers[peer_name] = PeerSpec(peer_name, p_host, p_port, insecure_plain=plain)
+    if len({p.insecure_plain for p in peers.values()}) > 1:
+        plain_peers = ", ".join(sorted(n for n, p in peers.items() if p.insecure_plain))
+        raise ConfigError(f"{path}: insecure_plain is set for {plain_peers} but not for every peer: this host "
+                          "serves one peer API port and one NBD server, either all with TLS or all plain")
+    socket_group = _get(agent, "socket_group", str, "agent", "") or None if "socket_group" in agent else None
+    if "socket_group" in agent and not (socket_group and socket_group.isprintable() and len(socket_group) <= 64):
+        raise ConfigError(f"{path}: agent.socket_group must be a group name, not {agent.get('socket_group')!r:.80}")
     state_dir = _get(agent, "state_dir", str, "agent", "/var/lib/virtsync")
     on_full = _get(journal, "on_full", str, "journal", "refuse")
     if on_full not in ("refuse", "apply"):
@@ -250,7 +274,9 @@ def _parse_doc(doc: dict[str, Any], path: str) -> Config:
         listen_host=host,
         listen_port=port,
         socket=_get(agent, "socket", str, "agent", "/run/virtsync/agent.sock"),
+        socket_group=socket_group,
         state_dir=state_dir,
+        keys_dir=_get(agent, "keys_dir", str, "agent", DEFAULT_KEYS_DIR),
         libvirt_uri=_get(agent, "libvirt_uri", str, "agent", "qemu:///system"),
         replication_address=rep_addr,
         replication_port=rep_port,
@@ -260,6 +286,7 @@ def _parse_doc(doc: dict[str, Any], path: str) -> Config:
         stall_after=_get(repl, "stall_after", float, "replication", 10.0),
         min_cycle_interval=_get(repl, "min_cycle_interval", float, "replication", 1.0),
         speed_limit=_get(repl, "speed_limit", int, "replication", 0),
+        tracker_interval=max(1.0, _get(agent, "tracker_interval", float, "agent", 30.0)),
         apply_delay=_get(journal, "apply_delay", float, "journal", 0.0),
         retain_markers=retain,
         retain_seconds=_get(journal, "retain_seconds", float, "journal", 0.0),

@@ -11,25 +11,29 @@ import argparse
 import asyncio
 import contextlib
 import fcntl
+import grp
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import config as config_mod
-from . import ipc, peer
+from . import hook, ipc, peer, tracker
+from . import keys as keys_mod
 from .config import Config
 from .domain import DiskSpec, PairState, Protection
 from .errors import ConfigError, PluginError, StateConflictError
-from .replication.primary import CycleError, DomainReplicator, resolve_nodes
+from .replication.primary import CycleError, DomainReplicator, NbdTls, resolve_nodes
 from .replication.secondary import PeerRequestError, Secondary
 from .replication.storage_daemon import StorageDaemon
 from .state import Store
-from .virt import domains
+from .tracker import ChangeKind, DiskEntry
+from .virt import domains, events
 from .virt.connection import close_connection, open_connection
 from .virt.qmp_bridge import LibvirtQmpTransport
 
@@ -75,33 +79,46 @@ class Protected:
     marks: list[MarkRequest] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
     first_marker: asyncio.Event = field(default_factory=asyncio.Event)
+    # Held by a cycle, and by the tracker while it changes the disk set.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class Agent:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.store: Store | None = None
-        self.qsd = StorageDaemon(os.path.join(cfg.state_dir, "run"), cfg.replication_address, cfg.replication_port)
+        run_dir = os.path.join(cfg.state_dir, "run")
+        self.qsd = StorageDaemon(run_dir, cfg.replication_address, cfg.replication_port,
+                                 tls_dir=os.path.join(run_dir, "nbd-psk") if cfg.tls else None)
         self.secondary: Secondary | None = None
-        self.peers = {name: peer.PeerClient(spec) for name, spec in cfg.peers.items()}
+        # Clients with their TLS contexts are made at start(), from the keys (_setup_links).
+        self.peers: dict[str, peer.PeerClient] = {}
+        self._nbd_tls: dict[str, NbdTls] = {}
         self.conn: Any = None  # libvirt.virConnect, owned through plugin.virt
         self.protected: dict[str, Protected] = {}
         self._runners: list[Any] = []
         self._lock_fd: int | None = None
+        self._events: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        self._event_ids: list[int] = []
+        self._tracker_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
         os.makedirs(self.cfg.state_dir, mode=0o700, exist_ok=True)
+        os.chmod(self.cfg.state_dir, 0o700)  # replicas, journal and the database: nobody else's business
         self._take_lock()
+        server_ssl, identify = self._setup_links()
         self.store = Store(self.cfg.db_path)
         os.makedirs(self.cfg.storage, mode=0o700, exist_ok=True)
         qmp = await self.qsd.start()
         self.secondary = Secondary(self.cfg, self.store, qmp)
         await self.secondary.recover()
-        app = peer.make_app(self._peer_handlers())
-        self._runners.append(await peer.start_server(app, self.cfg.listen_host, self.cfg.listen_port))
+        app = peer.make_app(self._peer_handlers(), identify)
+        self._runners.append(await peer.start_server(app, self.cfg.listen_host, self.cfg.listen_port, server_ssl))
         self.conn = await open_connection(self.cfg.libvirt_uri)
+        self._event_ids = events.register(self.conn, self._events)
+        self._tracker_task = asyncio.create_task(self._tracker_loop(), name="vs-tracker")
         for prot in self.store.protections(PRIMARY):
             try:
                 await self._supervise(prot["domain_uuid"])
@@ -109,9 +126,68 @@ class Agent:
                 log.error("cannot resume protection of %s: %s", prot["domain"], e)
                 self.store.set_pair_state(prot["domain_uuid"], PRIMARY, PairState.ERROR, str(e))
         os.makedirs(os.path.dirname(self.cfg.socket) or ".", mode=0o755, exist_ok=True)
-        self._runners.append(await ipc.serve(self.cfg.socket, self.handle))
+        self._runners.append(await ipc.serve(self.cfg.socket, self.handle, mode=0o660,
+                                             group=self._socket_group()))
+        self._replay_spool()
         log.info("virtsyncd %s ready: peers API on %s:%s, NBD on %s:%s", self.cfg.name, self.cfg.listen_host,
                  self.cfg.listen_port, self.cfg.replication_address, self.cfg.replication_port)
+
+    def _setup_links(self) -> tuple[ssl.SSLContext | None, peer.Identify]:
+        """Peer clients, the peer API's server context and caller identification, and the
+        qemu-storage-daemon's PSK file, from ``keys_dir``. A peer whose keys are missing
+        stays unusable (each call says what to run); a missing identity stops the agent.
+
+        :raise KeyFileError: no identity of this agent, or one certificate pinned for two peers
+        """
+        if not self.cfg.tls:
+            log.warning("TLS is off: every peer is insecure_plain; peer API and NBD run in plain text")
+            self.peers = {name: peer.PeerClient(spec, None) for name, spec in self.cfg.peers.items()}
+            return None, peer.address_identity(self.cfg.peers.values())
+        kd = keys_mod.KeysDir(self.cfg.keys_dir, self.cfg.name)
+        kd.check_identity()
+        pins: dict[str, str] = {}
+        pinned: list[str] = []
+        psks: dict[str, str] = {}
+        for name, spec in self.cfg.peers.items():
+            try:
+                keys = kd.peer(name)
+            except keys_mod.KeyFileError as e:
+                log.error("peer %s cannot be used: %s", name, e)
+                self.peers[name] = peer.PeerClient(spec, None, unusable=str(e))
+                continue
+            if keys.cert_fingerprint in pins:
+                raise keys_mod.KeyFileError(f"the same certificate is pinned for peers {pins[keys.cert_fingerprint]} "
+                                            f"and {name}: each peer has its own")
+            pins[keys.cert_fingerprint] = name
+            pinned.append(keys.cert_pem)
+            psks[name] = keys.psk
+            self.peers[name] = peer.PeerClient(spec, peer.client_context(kd.cert_path, kd.key_path, keys.cert_pem))
+            self._nbd_tls[name] = NbdTls(keys.psk_dir, self.cfg.name)
+            log.info("peer %s: certificate %s pinned", name, keys.cert_fingerprint)
+        assert self.qsd.tls_dir is not None
+        keys_mod.write_server_psk(self.qsd.tls_dir, psks)
+        return peer.server_context(kd.cert_path, kd.key_path, pinned), peer.tls_identity(pins)
+
+    def _link_tls(self, peer_name: str) -> NbdTls | None:
+        """The NBD TLS of links to ``peer_name``; None only when links are plain by config."""
+        if not self.cfg.tls:
+            return None
+        tls = self._nbd_tls.get(peer_name)
+        if tls is None:
+            client = self.peers.get(peer_name)
+            raise keys_mod.KeyFileError(client.unusable if client is not None and client.unusable
+                                        else f"no NBD key for peer {peer_name}")
+        return tls
+
+    def _socket_group(self) -> str | None:
+        """``[agent] socket_group``, else ``libvirt`` where that group exists (virsh users)."""
+        if self.cfg.socket_group is not None:
+            return self.cfg.socket_group
+        try:
+            grp.getgrnam("libvirt")
+        except KeyError:
+            return None
+        return "libvirt"
 
     def _take_lock(self) -> None:
         fd = os.open(os.path.join(self.cfg.state_dir, "agent.lock"), os.O_RDWR | os.O_CREAT, 0o600)
@@ -123,6 +199,12 @@ class Agent:
         self._lock_fd = fd
 
     async def stop(self) -> None:
+        if self._tracker_task is not None:
+            self._tracker_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tracker_task
+        if self.conn is not None:
+            events.deregister(self.conn, self._event_ids)
         for p in list(self.protected.values()):
             await self._stop_supervisor(p)
             await p.qmp.close()
@@ -146,42 +228,58 @@ class Agent:
     # -- peer API (secondary role) ----------------------------------------------
 
     def _peer_handlers(self) -> dict[str, Any]:
+        """``op -> handler(body, caller)``; ``caller`` is the peer the request is authenticated as
+        (its pinned certificate). A peer acts only on replicas it owns and speaks only for itself."""
         sec = self._sec
 
-        async def health(body: dict[str, Any]) -> dict[str, Any]:
+        def owned(body: dict[str, Any], caller: str) -> str:
+            uuid: str = _arg(body, "uuid", str)
+            sec().authorize(uuid, caller)
+            return uuid
+
+        async def health(body: dict[str, Any], caller: str) -> dict[str, Any]:
             return {"name": self.cfg.name, "time": time.time()}
 
-        async def info(body: dict[str, Any]) -> dict[str, Any]:
-            return sec().info(_arg(body, "uuid", str))
+        async def info(body: dict[str, Any], caller: str) -> dict[str, Any]:
+            return sec().info(owned(body, caller))
 
-        async def prepare(body: dict[str, Any]) -> dict[str, Any]:
+        async def prepare(body: dict[str, Any], caller: str) -> dict[str, Any]:
             disks = _arg(body, "disks", list)
             if not all(isinstance(d, dict) for d in disks):
                 raise PeerRequestError("disks must be objects")
-            return await sec().prepare(_arg(body, "uuid", str), _arg(body, "domain", str),
-                                       _arg(body, "primary", str), disks, _arg(body, "protection", dict, {}))
+            primary = _arg(body, "primary", str)
+            if primary != caller:
+                raise PeerRequestError(f"peer {caller} asked for a replica whose primary is {primary!r:.40}: "
+                                       "a peer may only prepare replicas of its own domains")
+            return await sec().prepare(owned(body, caller), _arg(body, "domain", str),
+                                       primary, disks, _arg(body, "protection", dict, {}))
 
-        async def open_cycle(body: dict[str, Any]) -> dict[str, Any]:
+        async def open_cycle(body: dict[str, Any], caller: str) -> dict[str, Any]:
             targets = _arg(body, "targets", list)
-            return await sec().open_cycle(_arg(body, "uuid", str), _arg(body, "seq", int), _arg(body, "kind", str),
-                                          [str(t) for t in targets])
+            sizes = _arg(body, "sizes", dict, {})
+            return await sec().open_cycle(owned(body, caller), _arg(body, "seq", int), _arg(body, "kind", str),
+                                          [str(t) for t in targets], sizes)
 
-        async def commit_cycle(body: dict[str, Any]) -> dict[str, Any]:
+        async def commit_cycle(body: dict[str, Any], caller: str) -> dict[str, Any]:
             nbytes = _arg(body, "bytes", dict)
             if not all(isinstance(v, int) for v in nbytes.values()):
                 raise PeerRequestError("bytes must map disks to integers")
-            return await sec().commit_cycle(_arg(body, "uuid", str), _arg(body, "seq", int),
+            return await sec().commit_cycle(owned(body, caller), _arg(body, "seq", int),
                                             _arg(body, "cut_time", float), nbytes, _arg(body, "label", str, ""),
                                             _arg(body, "apply", bool, True))
 
-        async def abort_cycle(body: dict[str, Any]) -> None:
-            await sec().abort_cycle(_arg(body, "uuid", str), _arg(body, "seq", int))
+        async def retire(body: dict[str, Any], caller: str) -> None:
+            await sec().retire(owned(body, caller), _arg(body, "target", str))
 
-        async def remove(body: dict[str, Any]) -> None:
-            await sec().remove(_arg(body, "uuid", str), _arg(body, "keep_replica", bool, False))
+        async def abort_cycle(body: dict[str, Any], caller: str) -> None:
+            await sec().abort_cycle(owned(body, caller), _arg(body, "seq", int))
+
+        async def remove(body: dict[str, Any], caller: str) -> None:
+            await sec().remove(owned(body, caller), _arg(body, "keep_replica", bool, False))
 
         return {"health": health, "info": info, "prepare": prepare, "open_cycle": open_cycle,
-                "commit_cycle": commit_cycle, "abort_cycle": abort_cycle, "remove": remove}
+                "commit_cycle": commit_cycle, "abort_cycle": abort_cycle, "remove": remove,
+                "retire": retire}
 
     def _sec(self) -> Secondary:
         assert self.secondary is not None
@@ -198,7 +296,8 @@ class Agent:
             "status": self.op_status, "protect": self.op_protect, "unprotect": self.op_unprotect,
             "pairs": self.op_pairs, "suspend": self.op_suspend, "resume": self.op_resume,
             "mark": self.op_mark, "markers": self.op_markers, "apply": self.op_apply, "hold": self.op_hold,
-            "release": self.op_release, "restore": self.op_restore,
+            "release": self.op_release, "restore": self.op_restore, "tracker": self.op_tracker,
+            "hook": self.op_hook,
         }
         if op not in handlers:
             raise ipc.UnknownOperationError(f"unknown operation {op!r}")
@@ -229,30 +328,47 @@ class Agent:
         dom = await domains.lookup(self.conn, name)
         uuid = dom.UUIDString()
         store = self._store()
-        if store.protection(uuid, PRIMARY) is not None:
-            raise StateConflictError(f"domain {name!r} is already protected (to {store.protection(uuid, PRIMARY)['peer']})",
+        # Check and reserve with no await in between: a second protect of the same domain
+        # is refused here, instead of failing half-way and then undoing the first one's
+        # rows and replica in its cleanup. (The reservation map belongs in __init__.)
+        protecting: dict[str, str] = self.__dict__.setdefault("_protecting", {})
+        existing = store.protection(uuid, PRIMARY)
+        if existing is not None or uuid in protecting:
+            to = existing["peer"] if existing is not None else f"{protecting[uuid]}, in progress"
+            raise StateConflictError(f"domain {name!r} is already protected (to {to})",
                                      state="protected", required="unprotected")
-        if not await domains.is_running(dom):
-            raise StateConflictError(f"domain {name!r} is not running: start it, then protect it",
-                                     state="shut off", required="running")
-        disks = await self._disk_specs(dom)
-        await client.call("health", {}, timeout=5)
-        await client.call("prepare", {
-            "uuid": uuid, "domain": name, "primary": self.cfg.name,
-            "disks": [{"target": d.target, "size": d.size} for d in disks],
-            "protection": {"segment": prot.segment, "rpo": prot.rpo, "mode": prot.mode}})
+        protecting[uuid] = peer_name
         try:
-            store.add_protection(uuid, PRIMARY, name, prot)
-            for d in disks:
-                store.upsert_pair(uuid, PRIMARY, name, d.target, peer_name, d.size, PairState.INITIAL_COPY)
-            await domains.set_protection(dom, prot)
-            await self._supervise(uuid)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await client.call("remove", {"uuid": uuid, "keep_replica": False}, timeout=5)
-            if store.protection(uuid, PRIMARY) is not None:
-                store.remove_protection(uuid, PRIMARY)
-            raise
+            if not await domains.is_running(dom):
+                raise StateConflictError(f"domain {name!r} is not running: start it, then protect it",
+                                         state="shut off", required="running")
+            disks = await self._disk_specs(dom)
+            await client.call("health", {}, timeout=5)
+            await client.call("prepare", {
+                "uuid": uuid, "domain": name, "primary": self.cfg.name,
+                "disks": [{"target": d.target, "size": d.size} for d in disks],
+                "protection": {"segment": prot.segment, "rpo": prot.rpo, "mode": prot.mode}})
+            added = tagged = False
+            try:
+                store.add_protection(uuid, PRIMARY, name, prot)
+                added = True
+                for d in disks:
+                    store.upsert_pair(uuid, PRIMARY, name, d.target, peer_name, d.size, PairState.INITIAL_COPY)
+                tagged = True  # set_protection may fail after libvirt changed one of the two XMLs
+                await domains.set_protection(dom, prot)
+                await self._supervise(uuid)
+            except BaseException:
+                # Undo only what this call created, everywhere it created it.
+                if tagged:
+                    with contextlib.suppress(Exception):
+                        await domains.set_protection(dom, None)
+                with contextlib.suppress(Exception):
+                    await client.call("remove", {"uuid": uuid, "keep_replica": False}, timeout=5)
+                if added:
+                    store.remove_protection(uuid, PRIMARY)
+                raise
+        finally:
+            del protecting[uuid]
         if _arg(args, "wait", bool, False):
             return self._wait_first_marker(self.protected[uuid])
         return {"domain": name, "uuid": uuid, "pairs": self._pairs_json(uuid)}
@@ -288,8 +404,9 @@ class Agent:
             aliases[disk.target] = disk.alias
         if not chosen:
             raise UsageError(f"{name}: no writable disk to replicate")
-        async with LibvirtQmpTransport(dom) as qmp:
-            found = await resolve_nodes(qmp, aliases)
+        # Commands only: no event registration, which libvirt allows once per domain and
+        # connection ("event callback already tracked") and the supervisor's transport may hold.
+        found = await resolve_nodes(LibvirtQmpTransport(dom), aliases)
         for disk in chosen:
             node, size = found[disk.target]
             specs.append(DiskSpec(disk.target, disk.source, disk.fmt, size, node, disk.alias))
@@ -300,17 +417,156 @@ class Agent:
         prot = store.protection(uuid, PRIMARY)
         assert prot is not None and self.conn is not None
         dom = await domains.lookup_uuid(self.conn, uuid)
-        disks = await self._disk_specs(dom)
         qmp = LibvirtQmpTransport(dom)
         await qmp.connect()
+        entries, specs, exclude = await self._current_disks(dom, qmp)
+        disks = [specs[t] for t in sorted(specs)]
+        if store.disk_list(uuid) is None:
+            store.save_disk_list(uuid, {"disks": [e.to_json() for e in entries], "exclude": sorted(exclude)},
+                                 "protect")
         rep = DomainReplicator(store=store, peer=self.peers[prot["peer"]], qmp=qmp, uuid=uuid, domain=prot["domain"],
                                disks=disks, cycle_timeout=self.cfg.cycle_timeout, stall_after=self.cfg.stall_after,
-                               speed_limit=self.cfg.speed_limit)
+                               speed_limit=self.cfg.speed_limit, tls=self._link_tls(prot["peer"]))
         p = Protected(uuid, prot["domain"], rep, qmp)
         if prot["generation"]:
             p.first_marker.set()
         self.protected[uuid] = p
+        # Changes made while we were not looking (agent down, missed events)
+        # are found before any cycle runs.
+        await self._track(uuid, "agent start")
         p.task = asyncio.create_task(self._run_domain(p), name=f"vs-domain-{p.name}")
+
+    # -- the mapping tracker ----------------------------------------------------
+
+    async def _current_disks(self, dom: Any, qmp: LibvirtQmpTransport
+                             ) -> tuple[list[DiskEntry], dict[str, DiskSpec], set[str]]:
+        """All the domain's disks as the tracker sees them, the replicable
+        ones as pairs need them, and the targets its metadata excludes."""
+        xml = await domains.live_xml(dom)
+        disks = domains.parse_disks(xml)
+        exclude = domains.parse_exclude(xml)
+        entries = [DiskEntry(d.target, d.source, d.fmt, 0, d.device, d.disk_type, "", d.read_only, d.shareable)
+                   for d in disks]
+        chosen = [d for d, e in zip(disks, entries, strict=True) if tracker.exclusion(e, exclude) is None]
+        found = await resolve_nodes(qmp, {d.target: d.alias for d in chosen}) if chosen else {}
+        entries = [replace(e, size=found[e.target][1]) if e.target in found else e for e in entries]
+        specs = {d.target: DiskSpec(d.target, d.source, d.fmt, found[d.target][1], found[d.target][0], d.alias)
+                 for d in chosen}
+        return entries, specs, exclude
+
+    async def _track(self, uuid: str, reason: str) -> list[dict[str, Any]]:
+        """Compare the domain's disk list with the last one and adjust its pairs."""
+        p = self.protected.get(uuid)
+        store = self._store()
+        if p is None or self.conn is None:
+            return []
+        dom = await domains.lookup_uuid(self.conn, uuid)
+        if not await domains.is_running(dom):
+            return []
+        entries, specs, exclude = await self._current_disks(dom, p.qmp)
+        stored = store.disk_list(uuid) or {"disks": [], "exclude": []}
+        old = [DiskEntry.from_json(d) for d in stored["disks"]]
+        changes = tracker.diff(old, entries, exclude, stored["exclude"])
+        if not changes:
+            return []
+        prot = store.protection(uuid, PRIMARY)
+        assert prot is not None
+        client = self.peers[prot["peer"]]
+        done = []
+        async with p.lock:
+            fresh = [specs[c.target] for c in changes if c.kind in (ChangeKind.ADDED, ChangeKind.RETARGETED)]
+            if fresh:
+                await client.call("prepare", {
+                    "uuid": uuid, "domain": p.name, "primary": self.cfg.name,
+                    "disks": [{"target": d.target, "size": d.size} for d in fresh],
+                    "protection": {"segment": prot["segment"], "rpo": prot["rpo"], "mode": prot["mode"]}})
+            for change in changes:
+                if change.kind is ChangeKind.ADDED:
+                    spec = specs[change.target]
+                    store.upsert_pair(uuid, PRIMARY, p.name, spec.target, prot["peer"], spec.size,
+                                      PairState.INITIAL_COPY)
+                    action = "new pair: full copy of this disk, in the group's cuts from the next marker"
+                elif change.kind is ChangeKind.REMOVED:
+                    await client.call("retire", {"uuid": uuid, "target": change.target})
+                    store.set_pair_state(uuid, PRIMARY, PairState.DELETED, f"retired: {change.detail}",
+                                         target=change.target)
+                    gone = [d for d in p.replicator.disks if d.target == change.target]
+                    with contextlib.suppress(Exception):
+                        await p.replicator.drop_bitmaps(gone)  # the disk may still be attached (excluded)
+                    action = "pair retired; its journal data stays per retention"
+                elif change.kind is ChangeKind.RETARGETED:
+                    spec = specs[change.target]
+                    await p.replicator.drop_bitmaps([spec])  # never trust bits from another source
+                    store.upsert_pair(uuid, PRIMARY, p.name, spec.target, prot["peer"], spec.size,
+                                      PairState.INITIAL_COPY)
+                    action = "pair re-created: full copy of the new source at the next marker"
+                else:
+                    spec = specs[change.target]
+                    store.upsert_pair(uuid, PRIMARY, p.name, spec.target, prot["peer"], spec.size,
+                                      PairState.ACTIVE)
+                    action = "replica grows with the next marker"
+                store.log_change(uuid, p.name, reason, change.kind.value, change.target, change.detail, action)
+                log.getChild(p.name).info("tracker (%s): %s %s: %s -> %s", reason, change.kind.value,
+                                          change.target, change.detail, action)
+                done.append({"kind": change.kind.value, "target": change.target, "detail": change.detail,
+                             "action": action})
+            p.replicator.disks = [specs[t] for t in sorted(specs)]
+            store.save_disk_list(uuid, {"disks": [e.to_json() for e in entries], "exclude": sorted(exclude)}, reason)
+        p.wake.set()  # let the changed disk set take part in a cut soon
+        return done
+
+    async def _tracker_loop(self) -> None:
+        """Events and hook calls queue (uuid, reason); a timer re-reads all
+        protected domains as a safety net against missed events."""
+        while True:
+            try:
+                async with asyncio.timeout(self.cfg.tracker_interval):
+                    uuid, reason = await self._events.get()
+                batch = {uuid: reason}
+                await asyncio.sleep(0.2)  # devices come and go in bursts
+                while not self._events.empty():
+                    u, r = self._events.get_nowait()
+                    batch.setdefault(u, r)
+            except TimeoutError:
+                batch = {u: "timer" for u in self.protected}
+                # The hook also spools when the agent was merely slow to answer.
+                with contextlib.suppress(OSError):
+                    self._replay_spool()
+            for uuid, reason in batch.items():
+                try:
+                    await self._track(uuid, reason)
+                except PluginError as e:
+                    log.warning("tracker: %s: %s", uuid, e)
+                except Exception:  # noqa: BLE001 - one domain's failure must not stop tracking
+                    log.exception("tracker: %s", uuid)
+
+    async def op_hook(self, args: dict[str, Any]) -> Any:
+        """A libvirt hook call (live or replayed from the spool): recorded;
+        for a protected domain the tracker looks again."""
+        name = _arg(args, "domain", str)
+        event = " ".join(str(args.get(k) or "-") for k in ("op", "sub_op"))
+        self._store().audit("hook", None, domain=name, call=event, extra=str(args.get("extra") or "")[:200],
+                            replayed=bool(args.get("replayed", False)))
+        for p in self.protected.values():
+            if p.name == name:
+                self._events.put_nowait((p.uuid, f"hook {event}"))
+        return None
+
+    def _replay_spool(self) -> None:
+        """Hook calls made while the agent was down, in their order."""
+        path = hook.spool_path(self.cfg.state_dir)
+        entries = hook.read_spool(path)
+        for entry in entries:
+            try:
+                asyncio.get_running_loop().create_task(self.op_hook({**entry, "replayed": True}))
+            except PluginError as e:
+                log.warning("hook spool: skipped %s: %s", entry, e)
+        if entries:
+            log.info("replayed %d hook call(s) spooled while the agent was down", len(entries))
+        hook.clear_spool(path)
+
+    async def op_tracker(self, args: dict[str, Any]) -> Any:
+        return {"changes": self._store().tracker_log(_arg(args, "domain", str, None))}
 
     async def _run_domain(self, p: Protected) -> None:
         """The per-domain supervisor: cycles every rpo/2, sooner on request;
@@ -322,6 +578,10 @@ class Agent:
         while True:
             prot = store.protection(p.uuid, PRIMARY)
             if prot is None:
+                for pending in p.marks:  # nobody will cut them now
+                    if not pending.done.done():
+                        pending.done.set_exception(StateConflictError(f"{p.name} is no longer protected",
+                                                                   state="unprotected", required="protected"))
                 return
             if prot["suspended"] and not p.marks:
                 p.wake.clear()
@@ -336,8 +596,9 @@ class Agent:
                 continue
             mark = p.marks.pop(0) if p.marks else None
             try:
-                stats = await p.replicator.cycle(label=mark.label if mark else "",
-                                                 apply=mark.apply if mark else True)
+                async with p.lock:
+                    stats = await p.replicator.cycle(label=mark.label if mark else "",
+                                                     apply=mark.apply if mark else True)
             except (CycleError, PluginError) as e:
                 reason = f"{e}; retrying in {backoff:g}s"
                 dlog.warning("%s", reason)
@@ -400,9 +661,13 @@ class Agent:
             raise UsageError("--quiesce is not available yet (guest-agent freeze comes with the journal work)")
         req = MarkRequest(_arg(args, "label", str, ""), not _arg(args, "no_apply", bool, False),
                           asyncio.get_running_loop().create_future())
+        if p.task is None or p.task.done():
+            raise StateConflictError(f"replication of {p.name} is not running", state="stopped", required="running")
         p.marks.append(req)
         p.wake.set()
         if not _arg(args, "wait", bool, True):
+            # Nobody waits: its outcome shows in pairs and markers, not as a stray error.
+            req.done.add_done_callback(lambda f: f.cancelled() or f.exception())
             return {"domain": p.name, "queued": True}
         async with asyncio.timeout(self.cfg.cycle_timeout):
             return await req.done

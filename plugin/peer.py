@@ -1,6 +1,18 @@
-"""The peer API between agents: JSON over HTTP, bound to the configured
-address only. (Mutual TLS arrives with the security work; the transport is kept
-in this one module so that it changes in one place.)
+"""The peer API between agents: JSON over HTTPS with mutual TLS, bound to the
+configured address only. The transport lives in this one module.
+
+Each agent has its own key and self-signed certificate; each peer's certificate
+is pinned (:mod:`plugin.keys`). Both ends use the standard library's ``ssl``:
+TLS 1.3 only, ``CERT_REQUIRED``, and the pinned certificates as the only trust
+anchors, so a peer with any other certificate, or none, fails the handshake and
+gets nothing. Host names are not checked: the pin is the identity. The server
+then names the caller by its certificate's fingerprint and hands that name to
+the handler, which checks the request against it (``prepare`` from the primary
+it names, cycle operations only from the peer owning the replica).
+
+Plain HTTP only for peers set ``insecure_plain = true`` (isolated replication
+networks); the caller is then the peer whose configured address the request
+comes from.
 
 Every request names the domain it is about; the secondary checks it against
 the pairs it holds, and refuses out-of-order or unknown cycles.
@@ -11,7 +23,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+import ssl
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import aiohttp
@@ -19,6 +32,7 @@ from aiohttp import web
 
 from .domain import PeerSpec
 from .errors import PluginError
+from .keys import fingerprint_der
 
 log = logging.getLogger("virtsync.peer")
 MAX_BODY = 1 << 20
@@ -33,15 +47,73 @@ class PeerUnreachableError(PeerError):
     """No answer from the peer (down, or the link is cut)."""
 
 
-Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+class PeerAuthError(PeerError):
+    """The TLS handshake failed: a certificate that is not the pinned one, on either side."""
 
 
-def make_app(handlers: Mapping[str, Handler]) -> web.Application:
+Handler = Callable[[dict[str, Any], str], Awaitable[Any]]
+"""``handler(body, caller)``: ``caller`` is the authenticated peer's name."""
+Identify = Callable[[web.Request], "str | None"]
+"""The peer a request comes from, or None: that request gets a 403 and nothing else."""
+
+
+def server_context(cert: str, key: str, peer_certs: Iterable[str]) -> ssl.SSLContext:
+    """Server side of mutual TLS: this agent's identity; the pinned peer certificates (PEM
+    texts) as the only trust anchors; a client certificate required."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(cert, key)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    pems = "".join(p.strip() + "\n" for p in peer_certs)
+    if pems:  # with no trust anchor at all every client is refused, which is right
+        ctx.load_verify_locations(cadata=pems)
+    return ctx
+
+
+def client_context(cert: str, key: str, peer_cert: str) -> ssl.SSLContext:
+    """Client side: present this agent's certificate; accept only the peer's pinned one."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False  # the pinned certificate is the identity, not a DNS name
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_cert_chain(cert, key)
+    ctx.load_verify_locations(cadata=peer_cert.strip() + "\n")
+    return ctx
+
+
+def tls_identity(pins: Mapping[str, str]) -> Identify:
+    """Name the caller by its verified certificate: ``pins`` maps fingerprints
+    (:func:`plugin.keys.fingerprint_der`) to peer names."""
+    def identify(request: web.Request) -> str | None:
+        transport = request.transport
+        sslobj = transport.get_extra_info("ssl_object") if transport is not None else None
+        der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+        return pins.get(fingerprint_der(der)) if der else None
+
+    return identify
+
+
+def address_identity(peers: Iterable[PeerSpec]) -> Identify:
+    """Plain HTTP (``insecure_plain`` peers only): the caller is the peer at the source address."""
+    by_address = {p.address: p.name for p in peers if p.insecure_plain}
+
+    def identify(request: web.Request) -> str | None:
+        return by_address.get(request.remote or "")
+
+    return identify
+
+
+def make_app(handlers: Mapping[str, Handler], identify: Identify) -> web.Application:
     """One POST route per operation: ``/v1/<op>`` with a JSON object body."""
     app = web.Application(client_max_size=MAX_BODY)
 
     def route(op: str, handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def serve(request: web.Request) -> web.Response:
+            caller = identify(request)
+            if caller is None:
+                log.warning("peer API: refused %s from %s: not a known peer", op, request.remote)
+                return web.json_response({"error": {"type": "Forbidden", "message": "not a known peer"}},
+                                         status=403)
             try:
                 body = await request.json()
             except (json.JSONDecodeError, UnicodeDecodeError, web.HTTPRequestEntityTooLarge) as e:
@@ -50,7 +122,7 @@ def make_app(handlers: Mapping[str, Handler]) -> web.Application:
                 return web.json_response({"error": {"type": "BadRequest", "message": "body must be an object"}},
                                          status=400)
             try:
-                result = await handler(body)
+                result = await handler(body, caller)
             except PluginError as e:
                 return web.json_response({"error": {"type": type(e).__name__, "message": str(e)}}, status=409)
             except (KeyError, TypeError, ValueError) as e:
@@ -68,36 +140,57 @@ def make_app(handlers: Mapping[str, Handler]) -> web.Application:
     return app
 
 
-async def start_server(app: web.Application, host: str, port: int) -> web.AppRunner:
+async def start_server(app: web.Application, host: str, port: int,
+                       ssl_context: ssl.SSLContext | None) -> web.AppRunner:
+    """Serve ``app`` on ``host:port``: HTTPS with ``ssl_context``, plain HTTP with None."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
     await site.start()
     return runner
 
 
 class PeerClient:
-    """Calls one peer's API with bounded waits."""
+    """Calls one peer's API with bounded waits; HTTPS with ``ssl_context``, plain HTTP with None."""
 
-    def __init__(self, spec: PeerSpec, *, timeout: float = 30.0) -> None:
+    def __init__(self, spec: PeerSpec, ssl_context: ssl.SSLContext | None, *, timeout: float = 30.0,
+                 unusable: str = "") -> None:
+        """:param unusable: why this peer cannot be called (its keys are missing): every call says so"""
         self.spec = spec
+        self.ssl_context = ssl_context
         self.timeout = timeout
+        self.unusable = unusable
         self._session: aiohttp.ClientSession | None = None
 
     @property
     def base(self) -> str:
-        return f"http://{self.spec.address}:{self.spec.port}{API}"
+        scheme = "http" if self.ssl_context is None else "https"
+        host = f"[{self.spec.address}]" if ":" in self.spec.address else self.spec.address
+        return f"{scheme}://{host}:{self.spec.port}{API}"
 
     async def call(self, op: str, body: Mapping[str, Any], *, timeout: float | None = None) -> Any:
+        if self.unusable:
+            raise PeerAuthError(f"peer {self.spec.name}: {self.unusable}")
         if self._session is None:
             self._session = aiohttp.ClientSession()
+        where = f"{self.spec.address}:{self.spec.port}"
         try:
             async with asyncio.timeout(timeout or self.timeout):
-                async with self._session.post(f"{self.base}/{op}", json=dict(body)) as resp:
+                async with self._session.post(f"{self.base}/{op}", json=dict(body),
+                                              ssl=self.ssl_context if self.ssl_context is not None else True) as resp:
                     data = await resp.json(content_type=None)
+        except aiohttp.ClientConnectorCertificateError as e:
+            raise PeerAuthError(f"peer {self.spec.name} ({where}) presented a certificate that is not the one "
+                                f"pinned for it: {e.certificate_error}") from e
+        except aiohttp.ClientSSLError as e:
+            raise PeerAuthError(f"TLS with peer {self.spec.name} ({where}) failed: {e}") from e
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            raise PeerUnreachableError(f"peer {self.spec.name} ({self.spec.address}:{self.spec.port}) "
-                                       f"unreachable: {type(e).__name__} {e}".rstrip()) from e
+            # TLS 1.3 checks our certificate after the client's handshake: a peer that does not
+            # pin it just hangs up, which looks like this.
+            hint = (" (if it is up: does it pin this host's certificate?)"
+                    if self.ssl_context is not None and isinstance(e, aiohttp.ServerDisconnectedError) else "")
+            raise PeerUnreachableError(f"peer {self.spec.name} ({where}) unreachable: "
+                                       f"{type(e).__name__} {e}".rstrip() + hint) from e
         except json.JSONDecodeError as e:
             raise PeerError(f"peer {self.spec.name}: malformed reply") from e
         if not isinstance(data, dict):

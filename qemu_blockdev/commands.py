@@ -272,6 +272,28 @@ def nbd_server_start_args(
     return _drop_none({"addr": addr, "tls-creds": tls_creds, "max-connections": max_connections})
 
 
+def tls_creds_psk_args(
+    object_id: str, *, endpoint: Literal["client", "server"], dir: str, username: str | None = None,
+) -> Args:
+    """``object-add`` of a ``tls-creds-psk`` object (QEMU's TLS with a pre-shared key).
+
+    The key never travels in QMP: QEMU reads ``dir/keys.psk`` (lines ``username:hexkey``).
+    A client presents ``username`` and uses its line; a server accepts any line's user.
+    """
+    if endpoint not in ("client", "server"):
+        raise ValueError(f"tls-creds-psk endpoint must be client or server, not {endpoint!r}")
+    if not dir:
+        raise ValueError("tls-creds-psk needs the directory holding keys.psk")
+    if username is not None and endpoint != "client":
+        raise ValueError("only a tls-creds-psk client has a username")
+    return _drop_none({"qom-type": "tls-creds-psk", "id": owned(object_id), "endpoint": endpoint, "dir": dir,
+                       "username": username})
+
+
+def object_del_args(object_id: str) -> Args:
+    return {"id": owned(object_id)}
+
+
 def block_export_add_args(
     export_id: str, node: str, *, name: str | None = None, writable: bool = False,
     bitmaps: Sequence[str] | None = None,

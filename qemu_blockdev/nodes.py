@@ -53,6 +53,21 @@ async def transaction(
     await transport.execute("transaction", commands.transaction_args([dict(a) for a in actions], grouped=grouped))
 
 
+async def object_add(transport: QmpTransport, args: Mapping[str, Any]) -> str:
+    """Add a QOM object built by :mod:`commands` (``tls_creds_psk_args``); return its id."""
+    object_id = commands.owned(str(args.get("id")))
+    await transport.execute("object-add", dict(args))
+    return object_id
+
+
+async def object_del(transport: QmpTransport, object_id: str, *, missing_ok: bool = False) -> None:
+    try:
+        await transport.execute("object-del", commands.object_del_args(object_id))
+    except QmpCommandError as e:
+        if not (missing_ok and _is_not_found(e)):
+            raise
+
+
 async def nbd_server_start(transport: QmpTransport, **kwargs: Any) -> None:
     await transport.execute("nbd-server-start", commands.nbd_server_start_args(**kwargs))
 

@@ -5,7 +5,7 @@ set -eu
 cd "$(dirname "$0")/.."
 
 PACKAGES="qemu-system-x86 qemu-utils qemu-system-common libvirt-daemon-system libvirt-clients
-libvirt-dev pkg-config busybox-static iproute2 gnutls-bin xz-utils python3-venv"
+libvirt-dev pkg-config busybox-static iproute2 gnutls-bin openssl xz-utils python3-venv"
 
 missing=""
 for p in $PACKAGES; do

@@ -86,3 +86,5 @@ class PeerSpec:
     address: str
     port: int
     replication_address: str = ""
+    #: Plain HTTP and NBD with this peer (an isolated replication network), never the default.
+    insecure_plain: bool = False

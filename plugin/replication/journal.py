@@ -75,9 +75,12 @@ class JournalDir:
                     out.append((m["target"], int(m["seq"]), bool(m["partial"]), os.path.join(self.root, name)))
         return out
 
-    def view(self, target: str, seq: int, base_seq: int) -> str:
-        """The file whose chain is the disk as of marker ``seq``."""
-        return self.base(target) if seq == base_seq else self.segment(target, seq)
+    def view(self, target: str, seq: int) -> str:
+        """The file whose chain is the disk as of marker ``seq``: its newest
+        sealed segment up to ``seq`` (segments of folded markers are gone, and
+        a disk added later has none before its first marker), else the base."""
+        newest = [s for t, s, partial, _ in self.entries() if t == target and not partial and s <= seq]
+        return self.segment(target, max(newest)) if newest else self.base(target)
 
     def segment_bytes(self) -> int:
         """Space the journal's segments take (what the journal limit bounds)."""
@@ -90,25 +93,30 @@ class JournalDir:
         return total
 
 
-def verify_record(row: Mapping[str, Any], expected_seq: int) -> dict[str, Any]:
-    """Check a marker row's framing; return its segments map.
+def verify_record(row: Any, expected_seq: int) -> dict[str, Any]:
+    """Check a marker row's framing (a sqlite Row or a mapping); return its segments map.
 
     :raise JournalCorruptError: wrong sequence or CRC, unreadable fields
     """
-    seq = int(row["seq"])
+    try:
+        seq = int(row["seq"])
+    except (KeyError, TypeError, ValueError, ArithmeticError):
+        raise JournalCorruptError(f"marker {expected_seq}: unreadable sequence number") from None
     if seq != expected_seq:
         raise JournalCorruptError(f"marker {expected_seq} is missing (found {seq} next): journal out of order")
     try:
         disks = json.loads(row["disks"])
         nbytes = json.loads(row["bytes"])
         segments = json.loads(row["segments"])
-    except (TypeError, ValueError) as e:
-        raise JournalCorruptError(f"marker {seq}: unreadable record ({e})") from None
-    crc = record_crc(seq, float(row["cut_time"]), disks, nbytes, str(row["label"]), bool(row["apply"]), segments)
-    if crc != row["crc"]:
-        raise JournalCorruptError(f"marker {seq}: record checksum mismatch (stored {row['crc']!r}, computed {crc})")
-    if not isinstance(segments, dict):
-        raise JournalCorruptError(f"marker {seq}: segments are not a map")
+        crc = record_crc(seq, float(row["cut_time"]), disks, nbytes, str(row["label"]), bool(row["apply"]),
+                         segments)
+        stored = row["crc"]
+    except (KeyError, TypeError, ValueError, ArithmeticError) as e:
+        raise JournalCorruptError(f"marker {seq}: unreadable record ({type(e).__name__})") from None
+    if crc != stored:
+        raise JournalCorruptError(f"marker {seq}: record checksum mismatch (stored {stored!r:.20}, computed {crc})")
+    if not isinstance(segments, dict) or not isinstance(disks, list):
+        raise JournalCorruptError(f"marker {seq}: segments or disks malformed")
     return segments
 
 

@@ -14,6 +14,11 @@ forgotten. The first cycle adds ``vs-g1`` and runs ``sync=full``.
 
 (QEMU 7.2 cannot group completion of a transaction that holds bitmap actions;
 any failed job fails the whole cycle instead.)
+
+The NBD client nodes use TLS: before adding them, the cycle adds a
+``tls-creds-psk`` client object (:class:`NbdTls`: the directory whose
+``keys.psk`` QEMU reads itself, and this host's name as the PSK user); it is
+removed with the nodes, so nothing of ours stays in QEMU between cycles.
 """
 
 from __future__ import annotations
@@ -49,6 +54,15 @@ BITMAP_PREFIX = "vs-g"
 
 class CycleError(PluginError):
     """A replication cycle failed; nothing was committed, no bit was lost."""
+
+
+@dataclass(frozen=True)
+class NbdTls:
+    """TLS of the NBD client nodes: QEMU reads ``dir/keys.psk`` (``username:key``)."""
+
+    dir: str
+    username: str
+    object_id: str = "vs-tls-nbd"
 
 
 def gen_name(seq: int) -> str:
@@ -105,7 +119,9 @@ class DomainReplicator:
     """Runs cycles for one domain; owns nothing in QEMU but ``vs-`` names."""
 
     def __init__(self, *, store: Store, peer: PeerClient, qmp: QmpTransport, uuid: str, domain: str,
-                 disks: list[DiskSpec], cycle_timeout: float, stall_after: float, speed_limit: int = 0) -> None:
+                 disks: list[DiskSpec], cycle_timeout: float, stall_after: float, speed_limit: int = 0,
+                 tls: NbdTls | None = None) -> None:
+        """:param tls: TLS of the NBD link; None is plain NBD (``insecure_plain`` peers only)"""
         self.store = store
         self.peer = peer
         self.qmp = qmp
@@ -115,6 +131,7 @@ class DomainReplicator:
         self.cycle_timeout = cycle_timeout
         self.stall_after = stall_after
         self.speed_limit = speed_limit or None
+        self.tls = tls
         self.last = CycleStats()
         self.in_flight: CycleStats | None = None
         self.progress: dict[str, tuple[int, int]] = {}
@@ -155,18 +172,20 @@ class DomainReplicator:
             out[node.node_name] = {b.name for b in node.bitmaps if b.name.startswith(BITMAP_PREFIX)}
         return out
 
-    async def needs_full(self, last: int) -> bool:
-        """A full copy is needed for the first marker, or when a bitmap is
-        missing or inconsistent (QEMU was killed while it was in use)."""
+    async def full_copy_disks(self, last: int) -> set[str]:
+        """Disks that need a full copy: all for the first marker; otherwise
+        those without a usable bitmap of the last generation (a disk added or
+        re-targeted since, or QEMU killed while the bitmap was in use)."""
         if last == 0:
-            return True
+            return {d.target for d in self.disks}
+        full = set()
         for disk in self.disks:
             try:
                 await bitmaps.require_usable(self.qmp, disk.node, gen_name(last))
             except BlockdevError as e:
-                self.log.warning("full resync of %s: %s", disk.target, e)
-                return True
-        return False
+                self.log.warning("full copy of %s: %s", disk.target, e)
+                full.add(disk.target)
+        return full
 
     async def dirty_bytes_of(self, target: str) -> int:
         """Bytes of one disk written since the last marker, not yet sent."""
@@ -181,29 +200,30 @@ class DomainReplicator:
         """
         last = await self.reconcile()
         seq = last + 1
-        full = await self.needs_full(last)
-        kind = "full" if full else "incremental"
+        full_disks = await self.full_copy_disks(last)
+        kind = "full" if last == 0 else "incremental"
         stats = CycleStats(seq=seq, kind=kind, started=time.time())
         self.in_flight = stats
         cycle_id = self.store.start_cycle(self.uuid, seq, kind)
         opened = False
         cut = False
         try:
-            if full and last:
-                # Resync: forget every stale bitmap, start over from a full copy.
-                await self._drop_all_bitmaps()
+            # A disk that starts over forgets its stale bitmaps first.
+            await self.drop_bitmaps([d for d in self.disks if d.target in full_disks])
             target = await self.peer.call("open_cycle", {"uuid": self.uuid, "seq": seq, "kind": kind,
-                                                         "targets": self.targets})
+                                                         "targets": self.targets,
+                                                         "sizes": {d.target: d.size for d in self.disks}})
             opened = True
+            tls_creds = await self._add_tls()
             for disk in self.disks:
                 await nodes.blockdev_add(self.qmp, commands.nbd_node(
                     nbd_node_name(disk.target), str(target["exports"][disk.target]),
-                    host=str(target["host"]), port=int(target["port"])))
+                    host=str(target["host"]), port=int(target["port"]), tls_creds=tls_creds))
             actions = []
             for disk in self.disks:
                 actions.append(commands.action("block-dirty-bitmap-add",
                                                commands.bitmap_add_args(disk.node, gen_name(seq))))
-                if full:
+                if disk.target in full_disks:
                     backup = commands.backup_args(job_name(disk.target, seq), disk.node, nbd_node_name(disk.target),
                                                   speed=self.speed_limit)
                 else:
@@ -220,7 +240,7 @@ class DomainReplicator:
                 cut = True
                 stats.cut_time = time.time()
                 for disk in self.disks:
-                    if full:
+                    if disk.target in full_disks:
                         stats.bytes[disk.target] = disk.size
                     else:
                         stats.bytes[disk.target] = (await bitmaps.info(self.qmp, disk.node, gen_name(last))).count
@@ -231,8 +251,8 @@ class DomainReplicator:
                 "label": label, "apply": apply})
             # The marker is durable on the secondary: the frozen bits are no longer needed.
             self.store.set_protection(self.uuid, ROLE, generation=seq)
-            if not full:
-                for disk in self.disks:
+            for disk in self.disks:
+                if disk.target not in full_disks:
                     await bitmaps.remove(self.qmp, disk.node, gen_name(last))
             stats.finished = time.time()
             self.last = stats
@@ -244,7 +264,7 @@ class DomainReplicator:
             self.log.info("marker %d: %s, %d bytes in %.3fs", seq, kind, stats.total, stats.finished - stats.cut_time)
             return stats
         except BaseException as e:
-            await asyncio.shield(self._rollback(seq, last, full, opened, cut))
+            await asyncio.shield(self._rollback(seq, full_disks, opened, cut))
             self.store.finish_cycle(cycle_id, 0, error=str(e)[:500])
             if isinstance(e, (BlockdevError, PluginError)):
                 raise CycleError(f"cycle {seq} of {self.domain} failed: {e}") from e
@@ -288,13 +308,25 @@ class DomainReplicator:
                 raise CycleError(f"cycle {stats.seq} did not finish within {self.cycle_timeout:g}s")
 
     def _live_state(self, stats: CycleStats) -> PairState:
-        return PairState.INITIAL_COPY if stats.kind == "full" and stats.seq == 1 else PairState.ACTIVE
+        return PairState.INITIAL_COPY if stats.kind == "full" else PairState.ACTIVE
+
+    async def _add_tls(self) -> str | None:
+        """Add the TLS client object for this cycle's NBD nodes (re-read keys.psk); its id."""
+        if self.tls is None:
+            return None
+        # One left behind by a killed agent would make object-add fail ("duplicate").
+        await nodes.object_del(self.qmp, self.tls.object_id, missing_ok=True)
+        return await nodes.object_add(self.qmp, commands.tls_creds_psk_args(
+            self.tls.object_id, endpoint="client", dir=self.tls.dir, username=self.tls.username))
 
     async def _remove_nbd_nodes(self) -> None:
+        """Drop the NBD nodes, then the TLS object they used."""
         for disk in self.disks:
             await nodes.blockdev_del(self.qmp, nbd_node_name(disk.target), missing_ok=True)
+        if self.tls is not None:
+            await nodes.object_del(self.qmp, self.tls.object_id, missing_ok=True)
 
-    async def _rollback(self, seq: int, last: int, full: bool, opened: bool, cut: bool) -> None:
+    async def _rollback(self, seq: int, full_disks: set[str], opened: bool, cut: bool) -> None:
         """Undo a failed cycle: cancel jobs, merge bits back, drop the segment."""
         with contextlib.suppress(BlockdevError):
             for job in await nodes.query_jobs(self.qmp):
@@ -306,11 +338,10 @@ class DomainReplicator:
             await self._remove_nbd_nodes()
         if cut:
             with contextlib.suppress(BlockdevError):
-                if full:
-                    for disk in self.disks:
+                for disk in self.disks:
+                    if disk.target in full_disks:
                         await bitmaps.remove(self.qmp, disk.node, gen_name(seq))
-                else:
-                    await self._rollback_bitmaps(self.disks, seq)
+                await self._rollback_bitmaps([d for d in self.disks if d.target not in full_disks], seq)
         if opened:
             with contextlib.suppress(PluginError):
                 await self.peer.call("abort_cycle", {"uuid": self.uuid, "seq": seq}, timeout=5)
@@ -330,6 +361,8 @@ class DomainReplicator:
 
     async def _rollback_bitmaps(self, disks: list[DiskSpec], seq: int) -> None:
         """Fold generation ``seq`` back into ``seq-1`` atomically, re-enable it."""
+        if not disks:
+            return
         actions = []
         for disk in disks:
             actions += [
@@ -340,9 +373,12 @@ class DomainReplicator:
             ]
         await nodes.transaction(self.qmp, actions, grouped=False)
 
-    async def _drop_all_bitmaps(self) -> None:
+    async def drop_bitmaps(self, disks: list[DiskSpec]) -> None:
+        """Forget every generation of these disks: their next copy is full."""
+        if not disks:
+            return
         present = await self._bitmaps_present()
-        for disk in self.disks:
+        for disk in disks:
             for name in sorted(present.get(disk.node, set())):
                 await bitmaps.remove(self.qmp, disk.node, name)
 
@@ -356,4 +392,4 @@ class DomainReplicator:
         for seq in range(self._generation(), self._generation() + 2):
             await self._wait_jobs_gone(seq, timeout=10)
         await self._remove_nbd_nodes()
-        await self._drop_all_bitmaps()
+        await self.drop_bitmaps(self.disks)

@@ -50,6 +50,10 @@ class PeerRequestError(PluginError):
     exit_code = 2
 
 
+class PeerForbiddenError(PeerRequestError):
+    """An authenticated peer asked about a replica that belongs to another peer."""
+
+
 class JournalFullError(JournalError):
     """The journal reached its space limit and the policy refuses new cycles."""
 
@@ -108,6 +112,17 @@ class Secondary:
                                      required="protected")
         return prot
 
+    def authorize(self, uuid: str, caller: str) -> None:
+        """Only the peer that owns a replica (its primary) may act on it or read it.
+
+        :raise PeerForbiddenError: the replica of ``uuid`` belongs to another peer
+        """
+        prot = self.store.protection(check_uuid(uuid), ROLE)
+        if prot is not None and prot["peer"] != caller:
+            log.warning("peer %s refused: the replica of %s belongs to %s", caller, prot["domain"], prot["peer"])
+            raise PeerForbiddenError(f"peer {caller} may not act on the replica of {prot['domain']}: "
+                                     f"it belongs to {prot['peer']}")
+
     def find(self, name: str) -> str:
         """The uuid of the replica of domain ``name`` kept here."""
         for prot in self.store.protections(ROLE):
@@ -158,6 +173,7 @@ class Secondary:
         except (TypeError, ValueError) as e:
             raise PeerRequestError(f"bad protection: {e}") from None
         async with self._lock(uuid):
+            self.authorize(uuid, primary)  # again under the lock: another peer may have won the race
             journal = self.journal(uuid)
             os.makedirs(journal.root, mode=0o700, exist_ok=True)
             for target, size in checked:
@@ -169,8 +185,10 @@ class Secondary:
             last = self.store.last_marker(uuid)
             return {"last_marker": last.seq if last else 0}
 
-    async def open_cycle(self, uuid: str, seq: int, kind: str, targets: Sequence[str]) -> dict[str, Any]:
-        """Export one writable image per disk for cycle ``seq``."""
+    async def open_cycle(self, uuid: str, seq: int, kind: str, targets: Sequence[str],
+                         sizes: Mapping[str, int] | None = None) -> dict[str, Any]:
+        """Export one writable image per disk for cycle ``seq``; ``sizes`` are
+        the disks' current sizes (a grown disk gets a segment of its new size)."""
         uuid = check_uuid(uuid)
         async with self._lock(uuid):
             prot = self._prot(uuid)
@@ -197,13 +215,19 @@ class Secondary:
             exports = {}
             for target in wanted:
                 pair_id = self.store.pair_id(uuid, ROLE, target)
+                size = (sizes or {}).get(target, known[target].size)
+                if not isinstance(size, int) or isinstance(size, bool) or not known[target].size <= size <= 1 << 50:
+                    raise PeerRequestError(f"disk {target}: bad size {size!r:.30} (replica is {known[target].size})")
+                if size != known[target].size:
+                    self.store.upsert_pair(uuid, ROLE, prot["domain"], target, prot["peer"], size, PairState.ACTIVE)
+                    self.store.audit("replica-resized", uuid, target=target, size=size)
                 if last is None:
                     path = journal.base(target)
                 else:
-                    backing = journal.view(target, last.seq, int(prot["base_seq"]))
+                    backing = journal.view(target, last.seq)
                     path = journal.segment(target, seq, partial=True)
                     await _run("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
-                               os.path.basename(backing), path, str(known[target].size))
+                               os.path.basename(backing), path, str(size))
                 cycle.disks[target] = (pair_id, path)
                 await nodes.blockdev_add(self.qmp, commands.file_node(f"vs-p{pair_id}-f", path))
                 await nodes.blockdev_add(self.qmp, commands.qcow2_node(f"vs-p{pair_id}", f"vs-p{pair_id}-f"))
@@ -253,6 +277,18 @@ class Secondary:
             fault_point("marker-before-reflect")
             await self._reflect(uuid)
             return {"seq": seq, "cut_time": marker.cut_time, "bytes": marker.bytes}
+
+    async def retire(self, uuid: str, target: str) -> None:
+        """A disk left the domain: later cycles leave it out; the journal keeps
+        its segments for the markers that hold it."""
+        uuid = check_uuid(uuid)
+        target = check_target(target)
+        async with self._lock(uuid):
+            self._prot(uuid)
+            if target not in {p.target for p in self.store.pairs(ROLE, uuid)}:
+                raise PeerRequestError(f"no disk {target} to retire")
+            self.store.set_pair_state(uuid, ROLE, PairState.DELETED, "retired: disk removed from the domain",
+                                      target=target)
 
     async def abort_cycle(self, uuid: str, seq: int) -> None:
         uuid = check_uuid(uuid)
@@ -324,11 +360,14 @@ class Secondary:
             return self.info(uuid)
 
     def replica_views(self, uuid: str) -> dict[str, str]:
-        """The files whose chains are the replica's disks now."""
+        """The files whose chains are the replica's disks now (those of the applied marker)."""
         prot = self._prot(uuid)
+        applied = int(prot["applied"])
+        row = next((r for r in self.store.marker_rows(uuid) if int(r["seq"]) == applied), None)
+        if row is None:
+            return {}
         journal = self.journal(uuid)
-        return {p.target: journal.view(p.target, int(prot["applied"]), int(prot["base_seq"]))
-                for p in self.store.pairs(ROLE, uuid)}
+        return {t: journal.view(t, applied) for t in json.loads(row["disks"])}
 
     async def restore(self, uuid: str, seq: int, dest: str) -> dict[str, Any]:
         """Write one qcow2 per disk as of marker ``seq`` into ``dest``.
@@ -350,7 +389,7 @@ class Secondary:
                 if s > base_seq:
                     for target, entry in segments.items():
                         verify_segment(journal, s, target, entry, full_hash=True)
-            views = {t: journal.view(t, seq, base_seq) for t in json.loads(rows[seq]["disks"])}
+            views = {t: journal.view(t, seq) for t in json.loads(rows[seq]["disks"])}
             self._pins[uuid] = self._pins.get(uuid, 0) + 1
         try:
             os.makedirs(dest, mode=0o700, exist_ok=True)
@@ -431,16 +470,18 @@ class Secondary:
         row = next(r for r in self.store.marker_rows(uuid) if int(r["seq"]) == seq)
         for target in json.loads(row["disks"]):
             seg = journal.segment(target, seq)
-            nxt = journal.segment(target, seq + 1)
+            # The next segment built on this one: the disk's next newer segment.
+            later = sorted(s for t, s, partial, _ in journal.entries() if t == target and not partial and s > seq)
+            nxt = journal.segment(target, later[0]) if later else ""
             if os.path.exists(seg):
                 await _run("qemu-img", "commit", "-q", "-d", "-f", "qcow2", seg)
                 fsync_path(journal.base(target))
                 fault_point("fold-after-commit")
-                if os.path.exists(nxt):
+                if nxt and os.path.exists(nxt):
                     await _run("qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b",
                                os.path.basename(journal.base(target)), nxt)
                     fsync_path(nxt)
-                    self._refresh_segment_record(uuid, seq + 1, target, nxt)
+                    self._refresh_segment_record(uuid, later[0], target, nxt)
                 os.unlink(seg)
         fsync_path(journal.root)
         with self.store.transaction() as db:

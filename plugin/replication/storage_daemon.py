@@ -1,5 +1,8 @@
 """The secondary's qemu-storage-daemon: one per agent, NBD server on the
-replication address only."""
+replication address only, with TLS (a ``tls-creds-psk`` server object whose
+``keys.psk`` holds one ``<peer>:<key>`` line per peer) unless every peer is
+explicitly plain. The object is added over QMP, not on the command line; it
+names only a directory, so no key is ever visible in ``ps`` or QMP."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import os
 import shutil
 import signal
 
-from qemu_blockdev import nodes
+from qemu_blockdev import commands, nodes
 from qemu_blockdev.qmp_socket import QmpSocketTransport
 
 from ..errors import PluginError
@@ -27,6 +30,7 @@ def _die_with_parent() -> None:
 
 
 PR_SET_PDEATHSIG = 1
+TLS_OBJECT = "vs-tls-server"
 
 
 class StorageDaemonError(PluginError):
@@ -36,10 +40,13 @@ class StorageDaemonError(PluginError):
 class StorageDaemon:
     """Owns one qemu-storage-daemon process and its QMP connection."""
 
-    def __init__(self, run_dir: str, address: str, port: int) -> None:
+    def __init__(self, run_dir: str, address: str, port: int, *, tls_dir: str | None = None) -> None:
+        """:param tls_dir: directory of the server's ``keys.psk``; None serves plain NBD
+            (only for peers set ``insecure_plain``)"""
         self.run_dir = run_dir
         self.address = address
         self.port = port
+        self.tls_dir = tls_dir
         self.qmp: QmpSocketTransport | None = None
         self._proc: asyncio.subprocess.Process | None = None
 
@@ -65,8 +72,13 @@ class StorageDaemon:
         self.qmp = QmpSocketTransport(self.qmp_path, name="vs-qsd")
         await self.qmp.connect(timeout=10)
         os.chmod(self.qmp_path, 0o600)
-        await nodes.nbd_server_start(self.qmp, host=self.address, port=self.port)
-        log.info("qemu-storage-daemon pid %s serving NBD on %s:%s", self._proc.pid, self.address, self.port)
+        tls_creds = None
+        if self.tls_dir is not None:
+            tls_creds = await nodes.object_add(self.qmp, commands.tls_creds_psk_args(
+                TLS_OBJECT, endpoint="server", dir=self.tls_dir))
+        await nodes.nbd_server_start(self.qmp, host=self.address, port=self.port, tls_creds=tls_creds)
+        log.info("qemu-storage-daemon pid %s serving NBD%s on %s:%s", self._proc.pid,
+                 " with TLS (PSK)" if tls_creds else " in plain text (insecure_plain)", self.address, self.port)
         return self.qmp
 
     async def stop(self) -> None:

@@ -76,6 +76,23 @@ CREATE TABLE IF NOT EXISTS cycles (
     bytes INTEGER NOT NULL DEFAULT 0,
     error TEXT
 );
+CREATE TABLE IF NOT EXISTS disk_lists (
+    domain_uuid TEXT PRIMARY KEY,
+    taken REAL NOT NULL,
+    reason TEXT NOT NULL,
+    disks TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tracker_log (
+    id INTEGER PRIMARY KEY,
+    time REAL NOT NULL,
+    domain_uuid TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    target TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    action TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY,
     time REAL NOT NULL,
@@ -153,16 +170,27 @@ class Store:
 
     def remove_protection(self, uuid: str, role: str) -> None:
         with self.transaction() as db:
+            live = db.execute("SELECT target, state FROM pairs WHERE domain_uuid = ? AND role = ? AND state != ?"
+                              " ORDER BY target", (uuid, role, PairState.DELETED.value)).fetchall()
             db.execute("DELETE FROM protections WHERE domain_uuid = ? AND role = ?", (uuid, role))
             db.execute("UPDATE pairs SET state = ?, updated = ? WHERE domain_uuid = ? AND role = ?",
                        (PairState.DELETED.value, time.time(), uuid, role))
+            for row in live:
+                self.audit("pair-state", uuid, target=row["target"], old=row["state"], new=PairState.DELETED.value,
+                           reason="")
             self.audit("unprotect", uuid, role=role)
 
     # -- pairs --------------------------------------------------------------
 
     def upsert_pair(self, uuid: str, role: str, domain: str, target: str, peer: str, size: int,
                     state: PairState) -> int:
+        """Create or re-create a pair in ``state``; a state change is audited like any other."""
         with self.transaction() as db:
+            old = db.execute("SELECT state FROM pairs WHERE domain_uuid = ? AND role = ? AND target = ?",
+                             (uuid, role, target)).fetchone()
+            if old is None or old["state"] != state.value:
+                self.audit("pair-state", uuid, target=target, old=old["state"] if old else None, new=state.value,
+                           reason="")
             db.execute(
                 "INSERT INTO pairs (domain_uuid, role, domain, target, peer, state, size, updated)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
@@ -255,6 +283,33 @@ class Store:
     def marker_rows(self, uuid: str) -> list[sqlite3.Row]:
         """Raw marker rows, for the journal's own verification."""
         return self._db.execute("SELECT * FROM markers WHERE domain_uuid = ? ORDER BY seq", (uuid,)).fetchall()
+
+    # -- disk lists (the mapping tracker) --------------------------------------
+
+    def disk_list(self, uuid: str) -> dict[str, Any] | None:
+        """The last disk list the tracker stored: ``{"disks": [...], "exclude": [...]}``."""
+        row = self._db.execute("SELECT disks FROM disk_lists WHERE domain_uuid = ?", (uuid,)).fetchone()
+        return None if row is None else dict(json.loads(row["disks"]))
+
+    def save_disk_list(self, uuid: str, disks: dict[str, Any], reason: str) -> None:
+        self._db.execute("INSERT INTO disk_lists (domain_uuid, taken, reason, disks) VALUES (?, ?, ?, ?)"
+                         " ON CONFLICT (domain_uuid) DO UPDATE SET taken = excluded.taken,"
+                         " reason = excluded.reason, disks = excluded.disks",
+                         (uuid, time.time(), reason, json.dumps(disks, sort_keys=True)))
+
+    def drop_disk_list(self, uuid: str) -> None:
+        self._db.execute("DELETE FROM disk_lists WHERE domain_uuid = ?", (uuid,))
+
+    def log_change(self, uuid: str, domain: str, reason: str, kind: str, target: str, detail: str,
+                   action: str) -> None:
+        self._db.execute("INSERT INTO tracker_log (time, domain_uuid, domain, reason, kind, target, detail, action)"
+                         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         (time.time(), uuid, domain, reason, kind, target, detail, action))
+
+    def tracker_log(self, domain: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        rows = self._db.execute("SELECT * FROM tracker_log WHERE (? IS NULL OR domain = ?) ORDER BY id DESC LIMIT ?",
+                                (domain, domain, limit)).fetchall()
+        return [dict(r) for r in reversed(rows)]
 
     # -- cycles (primary side history, for lag and throughput) ---------------
 

@@ -71,6 +71,18 @@ def parse_disks(xml: str) -> list[DomainDisk]:
     return disks
 
 
+def parse_exclude(xml: str) -> set[str]:
+    """Targets excluded by ``<vs:protection exclude="vdb,vdc"/>`` in the domain's metadata."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return set()
+    el = root.find(f"./metadata/{{{METADATA_NS}}}protection")
+    if el is None:
+        return set()
+    return {t.strip() for t in el.get("exclude", "").split(",") if t.strip()}
+
+
 def protection_xml(prot: Protection) -> str:
     return (f'<protection segment="{_attr(prot.segment)}" rpo="{prot.rpo}" peer="{_attr(prot.peer)}" '
             f'mode="{prot.mode}"/>')

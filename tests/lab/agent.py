@@ -1,9 +1,16 @@
 """virtsyncd agents on lab hosts: each runs inside its host's network
 namespace, so it binds the host's lab address and reaches its peer over the
-veth (which tests can cut)."""
+veth (which tests can cut).
+
+Links are TLS by default, as in production: each LabAgent runs the real
+``virtsync keys`` commands for its host and, once its peer's agent exists too,
+pins the two certificates and hands the NBD key across (what an admin does with
+scp, :mod:`plugin.keys`). ``tls=False`` writes ``insecure_plain = true`` instead."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -12,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from plugin import ipc
+from plugin import cli, ipc
 
 from . import procs
 from .host import LabHost
@@ -25,7 +32,7 @@ class LabAgent:
     """One agent; its state and replicas live under the host's root dir."""
 
     def __init__(self, host: LabHost, peers: dict[str, LabHost], journal: dict[str, Any] | None = None,
-                 **replication: Any) -> None:
+                 agent: dict[str, Any] | None = None, tls: bool = True, **replication: Any) -> None:
         self.host = host
         self.dir = Path(host.root) / "virtsync"
         self.dir.mkdir(mode=0o700, exist_ok=True)
@@ -40,6 +47,8 @@ class LabAgent:
             f'socket = "{self.socket}"',
             f'state_dir = "{self.dir / "state"}"',
             f'libvirt_uri = "{host.uri}"',
+            f'keys_dir = "{self.keys_dir}"',
+            *(f"{k} = {v!r}" for k, v in (agent or {}).items()),
             "[replication]",
             f'address = "{host.address}"',
             f"port = {NBD_PORT}",
@@ -50,7 +59,41 @@ class LabAgent:
         ]
         for name, peer in peers.items():
             lines += [f"[peers.{name}]", f'address = "{peer.address}:{PEER_PORT}"']
+            if not tls:
+                lines.append("insecure_plain = true")
         self.config.write_text("\n".join(lines) + "\n")
+        if tls:
+            for name, peer in peers.items():
+                self._pair_keys(name, peer)
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.dir / "keys"
+
+    def keys(self, *argv: str, config: Path | None = None) -> str:
+        """``virtsync keys ARGV`` for this agent's config (or another's), in-process; its stdout."""
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(["keys", *argv, "--config", str(config or self.config)])
+        if code:
+            raise RuntimeError(f"virtsync keys {' '.join(argv)} failed ({code}): {err.getvalue().strip()}")
+        return out.getvalue()
+
+    def _pair_keys(self, name: str, peer: LabHost) -> None:
+        """Keys with peer ``name``: ours now; the exchange once both agents exist (either order)."""
+        peer_config = Path(peer.root) / "virtsync" / "virtsync.toml"
+        peer_keys = Path(peer.root) / "virtsync" / "keys"
+        if not (peer_config.exists() and (peer_keys / "agent.crt").exists()):
+            self.keys("init", name)  # our identity and the pair's NBD key; the peer takes them later
+            return
+        theirs = peer_keys / self.host.name / "keys.psk"
+        if theirs.exists():
+            self.keys("import", name, "--cert", str(peer_keys / "agent.crt"), "--psk", str(theirs))
+        else:
+            self.keys("import", name, "--cert", str(peer_keys / "agent.crt"))
+            self.keys("init", name)
+            self.keys("import", self.host.name, "--psk", str(self.keys_dir / name / "keys.psk"), config=peer_config)
+        self.keys("import", self.host.name, "--cert", str(self.keys_dir / "agent.crt"), config=peer_config)
 
     @property
     def storage(self) -> Path:

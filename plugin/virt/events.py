@@ -1,0 +1,38 @@
+"""libvirt domain events for the mapping tracker.
+
+The callbacks run on the daemon's loop (libvirtaio); each only builds a
+``(uuid, reason)`` and puts it on a queue: no libvirt call, no await.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import libvirt
+
+TRACKED_EVENTS = {
+    libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED: "device added",
+    libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED: "device removed",
+    libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE: "lifecycle",
+    libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2: "block job",
+}
+
+
+def register(conn: libvirt.virConnect, queue: asyncio.Queue[tuple[str, str]]) -> list[int]:
+    """Subscribe to the events that can change a domain's disk list."""
+    ids = []
+    for event_id, reason in TRACKED_EVENTS.items():
+        def callback(_conn: Any, dom: libvirt.virDomain, *_args: Any, _reason: str = reason) -> None:
+            queue.put_nowait((dom.UUIDString(), _reason))
+
+        ids.append(conn.domainEventRegisterAny(None, event_id, callback, None))
+    return ids
+
+
+def deregister(conn: libvirt.virConnect, ids: list[int]) -> None:
+    for callback_id in ids:
+        try:
+            conn.domainEventDeregisterAny(callback_id)
+        except libvirt.libvirtError:
+            pass
