@@ -22,9 +22,8 @@ sys.path.insert(0, str(ROOT))
 
 from tests.lab import stamps  # noqa: E402
 from tests.lab.agent import LabAgent  # noqa: E402
-from tests.lab.guest import build_guest, domain_xml, guest_cmdline, wait_for_console  # noqa: E402
 from tests.lab.host import LabHost, lab_prerequisites, link_hosts  # noqa: E402
-from tests.lab.procs import run  # noqa: E402
+from tests.lab.site import start_writing_guest  # noqa: E402
 
 GUEST, DISKS, BLOCKS = "web01", 2, 2048
 
@@ -57,21 +56,7 @@ def main() -> int:
             host.wait_ready()
         say(f"two lab hosts: pri {pri.address}, sec {sec.address}, each with its own libvirtd")
 
-        images = build_guest().install(Path(pri.root) / "guest")
-        disk_dir = Path(pri.root) / "disks"
-        disk_dir.mkdir()
-        disks = []
-        for i in range(DISKS):
-            path = str(disk_dir / f"{GUEST}-vd{chr(97 + i)}.qcow2")
-            run(["qemu-img", "create", "-q", "-f", "qcow2", path, "16M"])
-            disks.append((path, "qcow2"))
-        xml_path = disk_dir / "web01.xml"
-        serial = str(disk_dir / "console.log")
-        xml_path.write_text(domain_xml(GUEST, str(images.kernel), str(images.initrd),
-                                       guest_cmdline(DISKS, BLOCKS), disks, serial_log=serial))
-        pri.virsh("define", str(xml_path))
-        pri.virsh("start", GUEST)
-        wait_for_console(serial, "VS-READY", timeout=120)
+        start_writing_guest(pri, GUEST, DISKS, BLOCKS, size="16M", timeout=120)
         say(f"{GUEST} runs on pri (TCG), writing stamped 4 KiB blocks to vda and vdb")
 
         agents = [LabAgent(pri, {"sec": sec}), LabAgent(sec, {"pri": pri})]

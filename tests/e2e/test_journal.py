@@ -12,15 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import libvirt
 import pytest
 
 from plugin.errors import PluginError
 from tests.lab import stamps
 from tests.lab.agent import LabAgent
 from tests.lab.fixtures import LabPair
-from tests.lab.guest import build_guest, domain_xml, guest_cmdline, wait_for_console
-from tests.lab.procs import run
+from tests.lab.site import open_site, start_writing_guest
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.guest]
 
@@ -30,31 +28,10 @@ GUEST = "db01"
 
 @pytest.fixture
 def site(lab_pair: LabPair) -> Iterator[dict[str, Any]]:
-    pri, sec = lab_pair
-    images = build_guest().install(Path(pri.root) / "guest")
-    disk_dir = Path(pri.root) / "disks"
-    disk_dir.mkdir()
-    disks = []
-    for i in range(DISKS):
-        path = str(disk_dir / f"{GUEST}-vd{chr(97 + i)}.qcow2")
-        run(["qemu-img", "create", "-q", "-f", "qcow2", path, "8M"])
-        disks.append((path, "qcow2"))
-    serial = str(disk_dir / "console.log")
-    conn = libvirt.open(pri.uri)
-    conn.defineXML(domain_xml(GUEST, str(images.kernel), str(images.initrd), guest_cmdline(DISKS, BLOCKS), disks,
-                              serial_log=serial)).create()
-    conn.close()
-    wait_for_console(serial, "VS-READY", timeout=90)
-    agents = {"pri": LabAgent(pri, {"sec": sec}),
-              "sec": LabAgent(sec, {"pri": pri}, journal={"retain_markers": 3})}
-    for agent in agents.values():
-        agent.start()
-    try:
-        yield {"pri": agents["pri"], "sec": agents["sec"], "hosts": lab_pair}
-    finally:
-        for agent in agents.values():
-            agent.stop()
-        pri.virsh("destroy", GUEST, check=False)
+    guest = start_writing_guest(lab_pair.pri, GUEST, DISKS, BLOCKS, size="8M")
+    with open_site(lab_pair, journal={"retain_markers": 3}) as s:
+        s.domains.append(GUEST)
+        yield {"pri": s.pri, "sec": s.sec, "hosts": lab_pair, "disk_dir": Path(guest.disks[0]).parent}
 
 
 def check(paths: list[str]) -> int:

@@ -10,63 +10,29 @@ have sent exactly the 64 KiB clusters the guest dirtied since the last one.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
-import libvirt
 import pytest
 
 from plugin.errors import PluginError
 from tests.lab import stamps
-from tests.lab.agent import LabAgent
 from tests.lab.fixtures import LabPair
-from tests.lab.guest import build_guest, domain_xml, guest_cmdline, wait_for_console
 from tests.lab.netfault import link_down, link_up
-from tests.lab.procs import run
+from tests.lab.site import dirtied_bytes, open_site, start_writing_guest
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.guest]
 
 DISKS, BLOCKS = 2, 2048          # 8 MiB written per disk, in 4 KiB stamped blocks
-CLUSTER = 64 * 1024              # dirty bitmap granularity of a qcow2 with 64 KiB clusters
 GUEST = "web01"
 
 
 @pytest.fixture
-def site(lab_pair: LabPair, tmp_path) -> Iterator[dict]:  # type: ignore[no-untyped-def]
-    pri, sec = lab_pair
-    images = build_guest().install(Path(pri.root) / "guest")
-    disk_dir = Path(pri.root) / "disks"
-    disk_dir.mkdir()
-    disks = []
-    for i in range(DISKS):
-        path = str(disk_dir / f"{GUEST}-vd{chr(97 + i)}.qcow2")
-        run(["qemu-img", "create", "-q", "-f", "qcow2", path, "16M"])
-        disks.append((path, "qcow2"))
-    serial = str(disk_dir / "console.log")
-    xml = domain_xml(GUEST, str(images.kernel), str(images.initrd), guest_cmdline(DISKS, BLOCKS), disks,
-                     serial_log=serial)
-    conn = libvirt.open(pri.uri)
-    dom = conn.defineXML(xml)
-    dom.create()
-    conn.close()
-    wait_for_console(serial, "VS-READY", timeout=90)
-    agents = {"pri": LabAgent(pri, {"sec": sec}), "sec": LabAgent(sec, {"pri": pri})}
-    for agent in agents.values():
-        agent.start()
-    try:
-        yield {"pri": agents["pri"], "sec": agents["sec"], "disks": [d[0] for d in disks],
-               "serial": serial, "hosts": lab_pair}
-    finally:
-        for agent in agents.values():
-            agent.stop()
-        if os.environ.get("VS_SHOW_AGENT_LOGS"):
-            for name, agent in agents.items():
-                print(f"--- agent {name}\n{agent.tail(200)}")
-        # The test's own connection is idle meanwhile (its loop does not run),
-        # so libvirt's keepalive may have closed it: use virsh.
-        pri.virsh("destroy", GUEST, check=False)
+def site(lab_pair: LabPair) -> Iterator[dict]:  # type: ignore[type-arg]
+    guest = start_writing_guest(lab_pair.pri, GUEST, DISKS, BLOCKS, size="16M")
+    with open_site(lab_pair) as s:
+        s.domains.append(GUEST)
+        yield {"pri": s.pri, "sec": s.sec, "disks": guest.disks, "serial": guest.serial, "hosts": lab_pair}
 
 
 def replica_paths(site: dict, uuid: str) -> list[str]:  # type: ignore[type-arg]
@@ -80,15 +46,6 @@ def check_replica(site: dict, uuid: str, oracle: stamps.Oracle) -> int:  # type:
     result = stamps.check_images(replica_paths(site, uuid), oracle)
     assert result.ok, result.summary()
     return result.cut_seq
-
-
-def dirtied_bytes(oracle: stamps.Oracle, after: int, upto: int) -> dict[str, int]:
-    """Bytes of the 64 KiB clusters written by sequence numbers after..upto, per disk."""
-    clusters: dict[int, set[int]] = {d: set() for d in range(DISKS)}
-    for seq in range(after + 1, upto + 1):
-        disk, block = oracle.target(seq)
-        clusters[disk].add(block * 4096 // CLUSTER)
-    return {f"vd{chr(97 + d)}": len(c) * CLUSTER for d, c in clusters.items()}
 
 
 def test_protect_markers_link_cut_and_unprotect(site: dict) -> None:  # type: ignore[type-arg]
