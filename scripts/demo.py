@@ -44,8 +44,8 @@ def main() -> int:
         print(f"demo: cannot run here: {reason}", file=sys.stderr)
         return 1
     print("virtsync demo. What exists today: the QMP block layer, copy pairs with consistent cuts,\n"
-          "the journal with markers, hold/apply and point-in-time restore. Not yet: the mapping\n"
-          "tracker and hook, TLS on the links, the RPO planner, switchover and migration.")
+          "the journal with markers, hold/apply and point-in-time restore, the mapping tracker,\n"
+          "TLS on both links. Not yet: the RPO planner, switchover and migration.")
     pri, sec = LabHost("pri"), LabHost("sec")
     agents: list[LabAgent] = []
     try:
