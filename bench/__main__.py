@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .lab import BenchLab, MiB
 from .report import HEADERS, loadavg, machine_facts, md_table, now_utc, text_table
-from .runs import PROFILES, Bench, lab_supports_tls
+from .runs import MODE_LABEL, PROFILES, Bench, lab_supports_tls
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "docs" / "bench" / "replication.md"
@@ -153,8 +153,8 @@ def render(bench: Bench, lab: BenchLab, args: argparse.Namespace, facts: dict[st
         "own libvirtd, virtsyncd and qemu-storage-daemon). "
         + ("virtsync ran in two link modes: **TLS** (PSK on NBD, the agents' default, as shipped) and "
            "**plain NBD** (`insecure_plain = true` on both agents, which are restarted between the two). "
-           "The full set of benchmarks runs in the first mode listed in the tables; initial copy, "
-           "incremental and idle cycle in both. qemu-img convert runs plain and with TLS (PSK, both "
+           f"The full set of benchmarks runs with {MODE_LABEL[bench.main_mode]}; initial copy, "
+           "incremental and idle cycle in both modes. qemu-img convert runs plain and with TLS (PSK, both "
            "ends), so each virtsync mode has a like-for-like baseline. virtnbdbackup reads over a local "
            "unix socket: no TLS, no network."
            if "tls" in bench.modes else
@@ -187,8 +187,10 @@ def render(bench: Bench, lab: BenchLab, args: argparse.Namespace, facts: dict[st
         f"2. **Incremental.** The same pseudo-random plan of writes (64 KiB to 1 MiB extents, 64 KiB "
         f"aligned, {args.dirty:.0%} of the clusters) is written into both guests through their virtio "
         "device (HMP `qemu-io`), then *virtsync*: `mark` → one incremental cycle (backup `sync=bitmap` "
-        "of the frozen generation into a new qcow2 segment on the secondary, then `qemu-img commit` of "
-        "the segment into the replica before the marker is acknowledged); time from the cycle record "
+        "of the frozen generation into a new qcow2 segment on the secondary, then the secondary's commit "
+        "before the marker is acknowledged: the segment sealed (fsync, SHA-256), the marker recorded, the "
+        "journal applied and folded by its own settings: `qemu-img commit` of the oldest segment beyond "
+        "`retain_markers` into the replica); time from the cycle record "
         "and, second row, the `mark` request's wall time. *virtnbdbackup*: `-l inc` into the same "
         "directory as its full (wall time, includes its Python start and libvirt checkpoint handling, "
         "as a user sees it). Ratio: time(virtnbdbackup) / time(virtsync).",
@@ -198,7 +200,8 @@ def render(bench: Bench, lab: BenchLab, args: argparse.Namespace, facts: dict[st
         "neither libvirt's RPC nor its per-domain job lock (which the agent's own QMP traffic holds) is in "
         "the writer's path. The request takes the guest's block graph (dirty bitmaps, the backup job's "
         "copy-before-write filter) and, like a guest's virtio requests without an iothread, QEMU's main "
-        f"loop. Each window lasts {args.window:g} s. *Unprotected*: no protection at all. *Protected, "
+        f"loop. Each window lasts {args.window:g} s. *Unprotected*: no protection at all (the mean of "
+        "a window at the start and one at the end of the repetition). *Protected, "
         "suspended*: protected (the dirty bitmap records every write) but no cycle runs. *Protected*: the "
         "agent's own scheduler runs cycles back to back (rpo 2 s → a cycle every second after the previous "
         "ends) while the writer writes. Profiles: "
@@ -210,7 +213,7 @@ def render(bench: Bench, lab: BenchLab, args: argparse.Namespace, facts: dict[st
         "4. **Idle cycle.** `mark` on a disk nobody writes: *cycle record* = the agent's "
         "`cycles.finished - started` (starts after the reconcile `info` call to the peer); *IPC* = the "
         "`mark` request's wall time from the bench process over the agent's unix socket; *CLI* = wall "
-        "time of `python -m plugin.cli mark` (a Python start and imports included). One value per "
+        "time of `python -m plugin.cli mark --wait` (a Python start and imports included). One value per "
         "repetition = the median of that repetition's marks.",
         "",
     ]

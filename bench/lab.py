@@ -23,12 +23,10 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import shutil
 import sqlite3
 import subprocess
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,6 @@ from typing import Any
 import libvirt
 import libvirt_qemu
 
-from tests.lab import procs
 from tests.lab.agent import LabAgent
 from tests.lab.host import LabHost, lab_prerequisites, link_hosts, reap_stale
 
@@ -408,25 +405,3 @@ class BenchLab:
 
     def agent_tail(self) -> str:
         return "\n".join(f"--- {n}\n{a.tail(60)}" for n, a in self.agents.items())
-
-
-@contextlib.contextmanager
-def storage_daemon(host: LabHost, workdir: Path, name: str) -> Iterator[Any]:
-    """A spare qemu-storage-daemon inside ``host``'s netns (the baseline's target)."""
-    from tests.lab.qsd import StorageDaemon
-
-    workdir.mkdir(parents=True, exist_ok=True)
-    qsd = StorageDaemon(str(workdir), name=name, netns=host.netns)
-    qsd.start()
-    try:
-        yield qsd
-    finally:
-        qsd.stop()
-
-
-def which(tool: str) -> str | None:
-    return shutil.which(tool)
-
-
-__all__ = ["BenchLab", "Guest", "Extent", "dirty_plan", "storage_daemon", "procs", "MiB", "GiB",
-           "VS_DOMAIN", "VNB_DOMAIN"]
