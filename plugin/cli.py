@@ -498,13 +498,26 @@ class MarkCommand(_DomainCommand):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         super().add_arguments(parser)
         parser.add_argument("--label", metavar="L", type=_label, help=f"free text, at most {MAX_LABEL} characters")
-        parser.add_argument("--quiesce", action="store_true", help="freeze guest file systems (qemu-guest-agent)")
+        parser.add_argument("--quiesce", action="store_true",
+                            help="freeze guest file systems (qemu-guest-agent) for the cut; waits for the marker, "
+                                 "since without an answering agent none is taken")
+        parser.add_argument("--crash-consistent-ok", action="store_true",
+                            help="with --quiesce: when no guest agent answers, take a crash-consistent marker "
+                                 "instead of none")
         parser.add_argument("--no-apply", action="store_true", help="journal the marker but never apply it")
         parser.add_argument("--wait", action="store_true", help="show progress until the marker is committed")
 
+    def run(self, args: argparse.Namespace) -> int:
+        if args.quiesce:
+            args.wait = True   # whether a marker is taken at all depends on the guest agent: say it
+        return super().run(args)
+
     def request_args(self, args: argparse.Namespace) -> dict[str, Any]:
-        return {"domain": args.domain, "label": args.label, "quiesce": args.quiesce,
-                "no_apply": args.no_apply, "wait": args.wait}
+        request = {"domain": args.domain, "label": args.label, "quiesce": args.quiesce,
+                   "no_apply": args.no_apply, "wait": args.wait}
+        if args.crash_consistent_ok:
+            request["crash_consistent_ok"] = True
+        return request
 
     def render(self, result: object, args: argparse.Namespace) -> list[str]:
         if isinstance(_field(result, "message"), str):
@@ -514,7 +527,11 @@ class MarkCommand(_DomainCommand):
         if seq is None:
             return [f"{one_line(args.domain)}: marker requested"]
         label = _field(marker, "label")
-        return [f"{one_line(args.domain)}: marker {_cell(seq)}" + (f" ({one_line(str(label))})" if label else "")]
+        quiesced = _field(marker, "quiesced")
+        how = "" if quiesced is None or not args.quiesce else (
+            ", quiesced" if quiesced else ", crash-consistent (not quiesced)")
+        return [f"{one_line(args.domain)}: marker {_cell(seq)}" + (f" ({one_line(str(label))})" if label else "")
+                + how]
 
 
 class MarkersCommand(_DomainCommand):

@@ -28,7 +28,7 @@ from . import keys as keys_mod
 from .config import Config
 from .domain import DiskSpec, PairState, Protection
 from .errors import ConfigError, PluginError, StateConflictError
-from .replication.primary import CycleError, DomainReplicator, NbdTls, resolve_nodes
+from .replication.primary import CutRefusedError, CycleError, DomainReplicator, NbdTls, resolve_nodes
 from .replication.secondary import PeerRequestError, Secondary
 from .replication.storage_daemon import StorageDaemon
 from .state import Store
@@ -65,6 +65,76 @@ class MarkRequest:
     label: str
     apply: bool
     done: asyncio.Future[dict[str, Any]]
+    quiesce: bool = False               # freeze the guest's filesystems for the cut
+    crash_consistent_ok: bool = False   # no agent answered: cut without freeze instead of refusing
+
+
+class Quiesce:
+    """The freeze around one cut: ``before_cut``/``after_cut`` of :meth:`DomainReplicator.cycle`.
+
+    Without an answering guest agent ``before_cut`` refuses the cut, unless
+    crash-consistent is acceptable: then the cut goes on and ``quiesced`` stays False.
+    """
+
+    def __init__(self, dom: Any, name: str, crash_consistent_ok: bool) -> None:
+        self.dom = dom
+        self.name = name
+        self.crash_consistent_ok = crash_consistent_ok
+        self.quiesced = False
+        self.fallback: str | None = None   # why the marker is only crash-consistent
+        self.frozen_ms: float | None = None  # from the freeze request to the thaw's answer
+        self.thaw_error: str | None = None  # the guest may still be frozen: said loudly
+        self._thaw = False
+        self._t0 = 0.0
+
+    async def before_cut(self) -> None:
+        self._t0 = time.monotonic()
+        try:
+            await domains.fs_freeze(self.dom)
+        except domains.GuestAgentError as e:
+            self._thaw = e.reached_guest   # it may have frozen before the answer was lost
+            reason = f"{self.name}: no guest agent answered ({_agent_reason(e)})"
+            if not self.crash_consistent_ok:
+                raise domains.GuestAgentError(
+                    f"{reason}: marker not taken; use --crash-consistent-ok to take a crash-consistent "
+                    "marker instead", e.code, reached_guest=e.reached_guest) from e
+            self.fallback = str(e)
+            log.getChild(self.name).warning("%s: taking a crash-consistent marker (--crash-consistent-ok)", reason)
+            return
+        except PluginError as e:
+            self._thaw = True
+            if not self.crash_consistent_ok:
+                raise PluginError(f"{self.name}: the guest agent could not freeze the filesystems "
+                                  f"({_agent_reason(e)}): marker not taken; use --crash-consistent-ok to take a "
+                                  "crash-consistent marker instead") from e
+            self.fallback = str(e)
+            log.getChild(self.name).warning("%s: freeze failed (%s): taking a crash-consistent marker", self.name, e)
+            return
+        self._thaw = True
+        self.quiesced = True
+
+    async def after_cut(self) -> None:
+        if not self._thaw:
+            return
+        try:
+            await domains.fs_thaw(self.dom)
+            if self.quiesced:
+                self.frozen_ms = round((time.monotonic() - self._t0) * 1000, 1)
+        except PluginError as e:
+            if self.quiesced:
+                self.thaw_error = str(e)
+                log.getChild(self.name).error("THAW FAILED, the guest's filesystems may stay frozen: %s", e)
+            else:
+                log.getChild(self.name).info("thaw after a failed freeze: %s", e)
+
+
+def _agent_reason(e: PluginError) -> str:
+    """libvirt's words, without our ``domain X: freeze:`` prefix."""
+    text = str(e)
+    for prefix in ("freeze: ", "thaw: "):
+        if prefix in text:
+            text = text.split(prefix, 1)[1]
+    return text
 
 
 @dataclass
@@ -268,6 +338,11 @@ class Agent:
                                             _arg(body, "cut_time", float), nbytes, _arg(body, "label", str, ""),
                                             _arg(body, "apply", bool, True))
 
+        async def commit_empty(body: dict[str, Any], caller: str) -> dict[str, Any]:
+            return await sec().commit_empty(owned(body, caller), _arg(body, "seq", int),
+                                            _arg(body, "cut_time", float), _arg(body, "label", str, ""),
+                                            _arg(body, "apply", bool, True))
+
         async def retire(body: dict[str, Any], caller: str) -> None:
             await sec().retire(owned(body, caller), _arg(body, "target", str))
 
@@ -278,8 +353,8 @@ class Agent:
             await sec().remove(owned(body, caller), _arg(body, "keep_replica", bool, False))
 
         return {"health": health, "info": info, "prepare": prepare, "open_cycle": open_cycle,
-                "commit_cycle": commit_cycle, "abort_cycle": abort_cycle, "remove": remove,
-                "retire": retire}
+                "commit_cycle": commit_cycle, "commit_empty": commit_empty, "abort_cycle": abort_cycle,
+                "remove": remove, "retire": retire}
 
     def _sec(self) -> Secondary:
         assert self.secondary is not None
@@ -595,10 +670,23 @@ class Agent:
                         await p.wake.wait()
                 continue
             mark = p.marks.pop(0) if p.marks else None
+            quiesce = (Quiesce(p.qmp.domain, p.name, mark.crash_consistent_ok)
+                       if mark is not None and mark.quiesce else None)
             try:
                 async with p.lock:
                     stats = await p.replicator.cycle(label=mark.label if mark else "",
-                                                     apply=mark.apply if mark else True)
+                                                     apply=mark.apply if mark else True,
+                                                     before_cut=quiesce.before_cut if quiesce else None,
+                                                     after_cut=quiesce.after_cut if quiesce else None)
+            except CutRefusedError as e:
+                # Nothing was cut and replication is fine: only this marker is refused.
+                cause = e.__cause__ if isinstance(e.__cause__, PluginError) else e
+                dlog.warning("marker refused: %s", cause)
+                store.audit("mark", p.uuid, domain=p.name, label=mark.label if mark else "", quiesce=True,
+                            refused=str(cause))
+                if mark is not None and not mark.done.done():
+                    mark.done.set_exception(cause)
+                continue
             except (CycleError, PluginError) as e:
                 reason = f"{e}; retrying in {backoff:g}s"
                 dlog.warning("%s", reason)
@@ -611,9 +699,23 @@ class Agent:
             backoff = 1.0
             next_due = time.monotonic() + max(self.cfg.min_cycle_interval, prot["rpo"] / 2)
             p.first_marker.set()
-            if mark is not None and not mark.done.done():
-                mark.done.set_result({"seq": stats.seq, "cut_time": stats.cut_time, "bytes": stats.bytes,
-                                      "kind": stats.kind, "label": mark.label})
+            if mark is not None:
+                quiesced = quiesce is not None and quiesce.quiesced
+                detail: dict[str, Any] = {"seq": stats.seq, "label": mark.label, "apply": mark.apply,
+                                          "quiesce": mark.quiesce, "quiesced": quiesced}
+                if quiesce is not None and quiesce.fallback:
+                    detail["crash_consistent_because"] = quiesce.fallback
+                if quiesce is not None and quiesce.frozen_ms is not None:
+                    detail["frozen_ms"] = quiesce.frozen_ms
+                if quiesce is not None and quiesce.thaw_error:
+                    detail["thaw_error"] = quiesce.thaw_error
+                store.audit("mark", p.uuid, domain=p.name, **detail)
+                if not mark.done.done():
+                    result = {"seq": stats.seq, "cut_time": stats.cut_time, "bytes": stats.bytes,
+                              "kind": stats.kind, "label": mark.label, "quiesced": quiesced}
+                    if quiesce is not None and quiesce.thaw_error:
+                        result["thaw_error"] = quiesce.thaw_error
+                    mark.done.set_result(result)
 
     async def _stop_supervisor(self, p: Protected) -> None:
         if p.task is not None and not p.task.done():
@@ -657,10 +759,12 @@ class Agent:
 
     async def op_mark(self, args: dict[str, Any]) -> Any:
         p = self._find(_arg(args, "domain", str))
-        if _arg(args, "quiesce", bool, False):
-            raise UsageError("--quiesce is not available yet (guest-agent freeze comes with the journal work)")
+        quiesce = _arg(args, "quiesce", bool, False)
+        crash_ok = _arg(args, "crash_consistent_ok", bool, False)
+        if crash_ok and not quiesce:
+            raise UsageError("--crash-consistent-ok only goes with --quiesce")
         req = MarkRequest(_arg(args, "label", str, ""), not _arg(args, "no_apply", bool, False),
-                          asyncio.get_running_loop().create_future())
+                          asyncio.get_running_loop().create_future(), quiesce=quiesce, crash_consistent_ok=crash_ok)
         if p.task is None or p.task.done():
             raise StateConflictError(f"replication of {p.name} is not running", state="stopped", required="running")
         p.marks.append(req)

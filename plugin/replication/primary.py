@@ -56,6 +56,14 @@ class CycleError(PluginError):
     """A replication cycle failed; nothing was committed, no bit was lost."""
 
 
+class CutRefusedError(CycleError):
+    """``before_cut`` refused the cut (e.g. no guest agent to freeze the guest).
+
+    Not a replication failure: the cycle was rolled back before anything was cut,
+    and ``__cause__`` is the hook's own error.
+    """
+
+
 @dataclass(frozen=True)
 class NbdTls:
     """TLS of the NBD client nodes: QEMU reads ``dir/keys.psk`` (``username:key``)."""
@@ -193,14 +201,26 @@ class DomainReplicator:
         return (await bitmaps.info(self.qmp, disk.node, gen_name(self._generation()))).count
 
     async def cycle(self, *, label: str = "", apply: bool = True,
-                    on_progress: Callable[[dict[str, Any]], Awaitable[None]] | None = None) -> CycleStats:
+                    on_progress: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+                    before_cut: Callable[[], Awaitable[None]] | None = None,
+                    after_cut: Callable[[], Awaitable[None]] | None = None) -> CycleStats:
         """Cut all disks at one instant and push the cut to the secondary.
 
+        ``before_cut`` runs right before the cut's transaction (e.g. freeze the
+        guest's filesystems) and ``after_cut`` right after it, whenever
+        ``before_cut`` was called: also when the hook or the transaction failed.
+        An error of ``after_cut`` is logged, never fatal: the cut is made.
+
+        :raise CutRefusedError: ``before_cut`` raised a PluginError; nothing was cut
         :raise CycleError: the cycle failed and was rolled back (bits kept)
         """
         last = await self.reconcile()
         seq = last + 1
         full_disks = await self.full_copy_disks(last)
+        if last and not full_disks:
+            empty = await self._empty_cycle(seq, last, label, apply)
+            if empty is not None:
+                return empty
         kind = "full" if last == 0 else "incremental"
         stats = CycleStats(seq=seq, kind=kind, started=time.time())
         self.in_flight = stats
@@ -236,7 +256,7 @@ class DomainReplicator:
                 actions.append(commands.action("blockdev-backup", backup))
             job_ids = [job_name(d.target, seq) for d in self.disks]
             with JobTracker(self.qmp, job_ids) as tracker:
-                await nodes.transaction(self.qmp, actions, grouped=False)
+                await self._cut(actions, before_cut, after_cut)
                 cut = True
                 stats.cut_time = time.time()
                 for disk in self.disks:
@@ -257,20 +277,91 @@ class DomainReplicator:
             stats.finished = time.time()
             self.last = stats
             self.store.finish_cycle(cycle_id, stats.total)
-            with self.store.transaction() as db:
-                db.execute("UPDATE pairs SET last_marker = ?, bytes_done = bytes_total WHERE domain_uuid = ?"
-                           " AND role = ?", (int(marker["seq"]), self.uuid, ROLE))
-            self.store.set_pair_state(self.uuid, ROLE, PairState.ACTIVE)
+            self._committed(int(marker["seq"]))
             self.log.info("marker %d: %s, %d bytes in %.3fs", seq, kind, stats.total, stats.finished - stats.cut_time)
             return stats
         except BaseException as e:
             await asyncio.shield(self._rollback(seq, full_disks, opened, cut))
             self.store.finish_cycle(cycle_id, 0, error=str(e)[:500])
+            if isinstance(e, CutRefusedError):
+                raise
             if isinstance(e, (BlockdevError, PluginError)):
                 raise CycleError(f"cycle {seq} of {self.domain} failed: {e}") from e
             raise
         finally:
             self.in_flight = None
+
+    async def _cut(self, actions: list[dict[str, Any]], before_cut: Callable[[], Awaitable[None]] | None,
+                   after_cut: Callable[[], Awaitable[None]] | None) -> None:
+        """The cut's transaction, between the two hooks (after_cut always follows before_cut)."""
+        if before_cut is None:
+            await nodes.transaction(self.qmp, actions, grouped=False)
+            return
+        try:
+            try:
+                await before_cut()
+            except PluginError as e:
+                raise CutRefusedError(str(e)) from e
+            await nodes.transaction(self.qmp, actions, grouped=False)
+        finally:
+            if after_cut is not None:
+                try:
+                    await asyncio.shield(after_cut())
+                except Exception:  # noqa: BLE001 - the cut stands; the hook reports its own trouble
+                    self.log.exception("after the cut")
+
+    async def _dirty_counts(self, name: str) -> dict[str, int]:
+        """Each disk's count of bitmap ``name``, from one query."""
+        by_node = {n.node_name: n for n in await nodes.query_nodes(self.qmp)}
+        out = {}
+        for disk in self.disks:
+            bitmap = by_node[disk.node].bitmap(name) if disk.node in by_node else None
+            out[disk.target] = bitmap.count if bitmap is not None else -1
+        return out
+
+    async def _empty_cycle(self, seq: int, last: int, label: str, apply: bool) -> CycleStats | None:
+        """A marker when nothing changed: rotate the bitmaps at one instant and,
+        if the frozen generation is really empty, record the marker without
+        moving data. None when something was written (the bits are folded back
+        and a normal cycle runs)."""
+        if any((await self._dirty_counts(gen_name(last))).values()):
+            return None  # cheap pre-check; the cut below decides
+        stats = CycleStats(seq=seq, kind="empty", started=time.time())
+        actions = []
+        for disk in self.disks:
+            actions += [commands.action("block-dirty-bitmap-add", commands.bitmap_add_args(disk.node, gen_name(seq))),
+                        commands.action("block-dirty-bitmap-disable", commands.bitmap_args(disk.node, gen_name(last)))]
+        await nodes.transaction(self.qmp, actions, grouped=False)
+        stats.cut_time = time.time()
+        frozen = await self._dirty_counts(gen_name(last))
+        if any(frozen.values()):
+            await self._rollback_bitmaps(self.disks, seq)  # a write slipped in before the cut
+            return None
+        cycle_id = self.store.start_cycle(self.uuid, seq, "empty")
+        try:
+            await self.peer.call("commit_empty", {"uuid": self.uuid, "seq": seq, "cut_time": stats.cut_time,
+                                                  "label": label, "apply": apply})
+        except BaseException as e:
+            await asyncio.shield(self._rollback_bitmaps(self.disks, seq))
+            self.store.finish_cycle(cycle_id, 0, error=str(e)[:500])
+            if isinstance(e, PluginError):
+                raise CycleError(f"cycle {seq} of {self.domain} failed: {e}") from e
+            raise
+        self.store.set_protection(self.uuid, ROLE, generation=seq)
+        for disk in self.disks:
+            await bitmaps.remove(self.qmp, disk.node, gen_name(last))
+        stats.bytes = dict.fromkeys(self.targets, 0)
+        stats.finished = time.time()
+        self.last = stats
+        self.store.finish_cycle(cycle_id, 0)
+        self._committed(seq)
+        return stats
+
+    def _committed(self, seq: int) -> None:
+        with self.store.transaction() as db:
+            db.execute("UPDATE pairs SET last_marker = ?, bytes_done = bytes_total WHERE domain_uuid = ?"
+                       " AND role = ? AND state != 'deleted'", (seq, self.uuid, ROLE))
+        self.store.set_pair_state(self.uuid, ROLE, PairState.ACTIVE)
 
     async def _wait_jobs(self, tracker: JobTracker, stats: CycleStats,
                          on_progress: Callable[[dict[str, Any]], Awaitable[None]] | None) -> None:

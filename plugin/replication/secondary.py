@@ -66,6 +66,14 @@ class OpenCycle:
     disks: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
+def _check_marker_fields(label: str, cut_time: float) -> None:
+    if len(label) > 128 or not label.isprintable():
+        raise PeerRequestError("a label is at most 128 printable characters")
+    if isinstance(cut_time, bool) or not isinstance(cut_time, (int, float)) or not math.isfinite(cut_time) \
+            or cut_time < 0:
+        raise PeerRequestError(f"bad cut time {cut_time!r:.30}")
+
+
 def check_uuid(value: object) -> str:
     try:
         return str(uuidlib.UUID(str(value)))
@@ -239,11 +247,7 @@ class Secondary:
                            label: str = "", apply: bool = True) -> dict[str, Any]:
         """Seal the cycle's segments and record its marker; then reflect."""
         uuid = check_uuid(uuid)
-        if len(label) > 128 or not label.isprintable():
-            raise PeerRequestError("a label is at most 128 printable characters")
-        if isinstance(cut_time, bool) or not isinstance(cut_time, (int, float)) or not math.isfinite(cut_time) \
-                or cut_time < 0:
-            raise PeerRequestError(f"bad cut time {cut_time!r:.30}")
+        _check_marker_fields(label, cut_time)
         for value in nbytes.values():
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise PeerRequestError(f"bad byte count {value!r:.30}: bytes map disks to counts >= 0")
@@ -265,18 +269,38 @@ class Secondary:
                     segments[target] = {"size": os.stat(sealed).st_size, "sha256": file_sha256(sealed)}
             fsync_path(journal.root)
             fault_point("seal-before-marker")
-            disks = sorted(cycle.disks)
-            marker = Marker(seq, uuid, float(cut_time), tuple(disks), {k: int(v) for k, v in nbytes.items()},
-                            label, apply)
-            crc = record_crc(seq, marker.cut_time, disks, marker.bytes, label, apply, segments)
-            self.store.commit_marker(marker, segments, crc)
-            if seq == 1:
-                # The first marker is the full copy into the base itself.
-                self.store.set_protection(uuid, ROLE, base_seq=1, applied=1)
-            self.store.set_pair_state(uuid, ROLE, PairState.ACTIVE)
-            fault_point("marker-before-reflect")
-            await self._reflect(uuid)
-            return {"seq": seq, "cut_time": marker.cut_time, "bytes": marker.bytes}
+            return await self._record(uuid, seq, cut_time, sorted(cycle.disks), nbytes, label, apply, segments)
+
+    async def commit_empty(self, uuid: str, seq: int, cut_time: float, label: str = "",
+                           apply: bool = True) -> dict[str, Any]:
+        """Record a marker at which no disk changed since the previous one: no
+        export, no segment; every disk's view is its previous one."""
+        uuid = check_uuid(uuid)
+        _check_marker_fields(label, cut_time)
+        async with self._lock(uuid):
+            prot = self._prot(uuid)
+            last = self.store.last_marker(uuid)
+            if last is None or seq != last.seq + 1:
+                raise PeerRequestError(f"empty marker {seq} out of order: the next marker of {prot['domain']} is "
+                                       f"{(last.seq if last else 0) + 1} and needs a previous one")
+            await self._close_open(uuid, discard=True)
+            disks = sorted(p.target for p in self.store.pairs(ROLE, uuid))
+            return await self._record(uuid, seq, cut_time, disks, dict.fromkeys(disks, 0), label, apply, {})
+
+    async def _record(self, uuid: str, seq: int, cut_time: float, disks: list[str], nbytes: Mapping[str, int],
+                      label: str, apply: bool, segments: dict[str, Any]) -> dict[str, Any]:
+        """Commit a marker record (its segments already sealed), then reflect. Lock held."""
+        marker = Marker(seq, uuid, float(cut_time), tuple(disks), {k: int(v) for k, v in nbytes.items()},
+                        label, apply)
+        crc = record_crc(seq, marker.cut_time, disks, marker.bytes, label, apply, segments)
+        self.store.commit_marker(marker, segments, crc)
+        if seq == 1:
+            # The first marker is the full copy into the base itself.
+            self.store.set_protection(uuid, ROLE, base_seq=1, applied=1)
+        self.store.set_pair_state(uuid, ROLE, PairState.ACTIVE)
+        fault_point("marker-before-reflect")
+        await self._reflect(uuid, just_sealed=seq)
+        return {"seq": seq, "cut_time": marker.cut_time, "bytes": marker.bytes}
 
     async def retire(self, uuid: str, target: str) -> None:
         """A disk left the domain: later cycles leave it out; the journal keeps
@@ -408,9 +432,10 @@ class Secondary:
 
     # -- the reflecting unit ------------------------------------------------------
 
-    async def _reflect(self, uuid: str, until: int | None = None) -> None:
+    async def _reflect(self, uuid: str, until: int | None = None, just_sealed: int = 0) -> None:
         """Move the replica forward over verified markers, then apply retention.
-        Called with the domain's lock held."""
+        Called with the domain's lock held. ``just_sealed`` is a marker whose
+        segments this very request hashed: its sizes are checked, not re-hashed."""
         prot = self._prot(uuid)
         applied = int(prot["applied"])
         rows = [r for r in self.store.marker_rows(uuid) if int(r["seq"]) > applied]
@@ -427,7 +452,7 @@ class Secondary:
             try:
                 segments = verify_record(row, applied + 1)
                 for target, entry in segments.items():
-                    verify_segment(journal, seq, target, entry, full_hash=True)
+                    verify_segment(journal, seq, target, entry, full_hash=seq != just_sealed)
             except JournalCorruptError as e:
                 self._report_damage(uuid, str(e))
                 break

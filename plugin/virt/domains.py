@@ -136,3 +136,63 @@ async def set_protection(dom: libvirt.virDomain, prot: Protection | None) -> Non
                                 flags)
     except libvirt.libvirtError as e:
         raise virt_error(e, f"domain {dom.name()}: metadata") from e
+
+
+# -- guest filesystem freeze (QEMU guest agent) ---------------------------------
+
+FREEZE_TIMEOUT = 10.0
+
+# Errors that mean no guest agent took part: none configured, its channel not
+# opened by the guest, or it did not answer libvirt's guest-sync.
+_NO_AGENT_CODES = frozenset({libvirt.VIR_ERR_AGENT_UNRESPONSIVE, libvirt.VIR_ERR_OPERATION_UNSUPPORTED,
+                             libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED})
+
+
+class GuestAgentError(VirtError):
+    """No QEMU guest agent answered (absent, not connected, unresponsive, timed out).
+
+    ``reached_guest`` is False when libvirt sent nothing to the guest (no agent
+    configured or its channel closed): nothing can be frozen, no thaw is needed.
+    """
+
+    def __init__(self, message: str, code: int | None = None, *, reached_guest: bool = True) -> None:
+        super().__init__(message, code)
+        self.reached_guest = reached_guest
+
+
+def _agent_error(e: libvirt.libvirtError, what: str) -> VirtError:
+    code = e.get_error_code()
+    message = e.get_error_message() or str(e)
+    lowered = message.lower()
+    not_there = "not configured" in lowered or "not connected" in lowered
+    if code in _NO_AGENT_CODES or not_there:
+        return GuestAgentError(f"{what}: {message}", code, reached_guest=not not_there)
+    return virt_error(e, what)
+
+
+async def _agent_call(dom: libvirt.virDomain, method: str, what: str, timeout: float) -> int:
+    try:
+        async with asyncio.timeout(timeout):
+            return int(await asyncio.to_thread(getattr(dom, method)))
+    except TimeoutError:
+        raise GuestAgentError(f"{what}: no answer from the guest agent within {timeout:g}s") from None
+    except libvirt.libvirtError as e:
+        raise _agent_error(e, what) from e
+
+
+async def fs_freeze(dom: libvirt.virDomain, timeout: float = FREEZE_TIMEOUT) -> int:
+    """Freeze the guest's filesystems through its agent; the number frozen.
+
+    :raise GuestAgentError: no agent answered (``reached_guest`` says whether a thaw may be needed)
+    :raise VirtError: the agent answered with an error
+    """
+    return await _agent_call(dom, "fsFreeze", f"domain {dom.name()}: freeze", timeout)
+
+
+async def fs_thaw(dom: libvirt.virDomain, timeout: float = FREEZE_TIMEOUT) -> int:
+    """Thaw the guest's filesystems; the number thawed.
+
+    :raise GuestAgentError: no agent answered
+    :raise VirtError: the agent answered with an error
+    """
+    return await _agent_call(dom, "fsThaw", f"domain {dom.name()}: thaw", timeout)

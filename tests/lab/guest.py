@@ -103,8 +103,13 @@ def guest_cmdline(
     start: int = 1,
     rate: int | None = None,
     extra: str = "",
+    qga: bool = False,
 ) -> str:
-    """Kernel command line for the writer (serial console, quiet, die on panic)."""
+    """Kernel command line for the writer (serial console, quiet, die on panic).
+
+    ``qga=True`` runs the guest's minimal QEMU guest agent (init.sh ``vs_qga_main``) on
+    the virtio-serial port ``org.qemu.guest_agent.0`` (``domain_xml(qga=True)``).
+    """
     parts = [
         "console=ttyS0",
         "quiet",
@@ -116,6 +121,8 @@ def guest_cmdline(
     ]
     if rate:
         parts.append(f"vs.rate={rate}")
+    if qga:
+        parts.append("vs.qga=1")
     if extra:
         parts.append(extra)
     return " ".join(parts)
@@ -252,8 +259,12 @@ def domain_xml(
     type: str = "qemu",
     memory_mib: int = 256,
     serial_log: str | None = None,
+    qga: bool = False,
 ) -> str:
     """libvirt domain XML for the writer.
+
+    ``qga=True`` adds the guest agent's channel (virtio-serial port
+    ``org.qemu.guest_agent.0``, a unix socket libvirt places and connects to).
 
     ``<acpi/>`` is required: without it ``poweroff -f`` halts the guest but the
     domain keeps running. ``type="qemu"`` is TCG (Linux does not boot under KVM here).
@@ -293,6 +304,9 @@ def domain_xml(
     else:
         serial = ET.SubElement(devices, "serial", type="pty")
         ET.SubElement(serial, "target", port="0")
+    if qga:
+        channel = ET.SubElement(devices, "channel", type="unix")
+        ET.SubElement(channel, "target", type="virtio", name="org.qemu.guest_agent.0")
     ET.SubElement(devices, "memballoon", model="none")
     ET.indent(dom)
     return ET.tostring(dom, encoding="unicode") + "\n"

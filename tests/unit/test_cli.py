@@ -197,7 +197,10 @@ def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     (["mark", "web1"], ("mark", {"domain": "web1", "label": None, "quiesce": False, "no_apply": False,
                                  "wait": False})),
     (["mark", "web1", "--label", "before upgrade ü", "--quiesce", "--no-apply"],
-     ("mark", {"domain": "web1", "label": "before upgrade ü", "quiesce": True, "no_apply": True, "wait": False})),
+     ("mark", {"domain": "web1", "label": "before upgrade ü", "quiesce": True, "no_apply": True, "wait": True})),
+    (["mark", "web1", "--quiesce", "--crash-consistent-ok"],
+     ("mark", {"domain": "web1", "label": None, "quiesce": True, "no_apply": False, "wait": True,
+               "crash_consistent_ok": True})),
     (["markers", "my vm-ü.1"], ("markers", {"domain": "my vm-ü.1"})),
     (["markers", "--", "-odd"], ("markers", {"domain": "-odd"})),
 ])

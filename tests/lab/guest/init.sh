@@ -7,6 +7,7 @@
 #   vs.count=C   number of writes, 0 = forever                   default 0
 #   vs.start=S   first sequence number                           default 1
 #   vs.rate=R    at most R writes per second (optional)
+#   vs.qga=1     run a minimal QEMU guest agent (see vs_qga_main)     default 0
 #
 # Write seq goes to disk seq % N, block mix(seq) % B; the block is one 64-byte stamp
 # line repeated 64 times, written with one dd (O_DIRECT) per write.
@@ -14,7 +15,9 @@
 # tests source this file with VS_SOURCE_ONLY=1 and compare.
 #
 # Console protocol: VS-READY, VS-PROGRESS seq=<n> (every 100 writes and at the end),
-# VS-DONE seq=<last>, VS-ERROR <reason>.
+# VS-DONE seq=<last>, VS-ERROR <reason>; with vs.qga=1 also VS-QGA port=<dev>,
+# VS-QGA-RX <request> (each request the agent got), VS-FROZEN seq=<last written>
+# and VS-THAWED.
 
 # vs_mix SEQ: set VS_MIX to the splitmix64 finalizer of SEQ, masked to 63 bits.
 # ash arithmetic is signed 64-bit: '*' and '+' wrap like uint64, but '>>' is
@@ -65,6 +68,115 @@ vs_now() {
     VS_NOW=$(( ${_up%.*} * 100 + ${_f#0} ))
 }
 
+# -- a minimal QEMU guest agent (vs.qga=1) -------------------------------------
+# Serves the virtio-serial port named org.qemu.guest_agent.0 with the commands
+# libvirt uses for a filesystem freeze. "Freezing" stops the writer: the agent
+# creates VS_FREEZE, the writer (which checks it before each write) answers in
+# VS_FROZEN with the last sequence number it wrote and waits until VS_FREEZE is
+# gone. So when the freeze reply leaves the guest, no write is in flight and
+# the disks hold exactly writes start..VS-FROZEN seq.
+VS_QGA_NAME=org.qemu.guest_agent.0
+VS_FREEZE=/tmp/vs-freeze
+VS_FROZEN=/tmp/vs-frozen
+
+# vs_qga_port: set VS_QGA_DEV to the port's device node (the name appears when
+# the host has announced it).
+vs_qga_port() {
+    for _p in /sys/class/virtio-ports/*; do
+        [ -r "$_p/name" ] || continue
+        read -r _n <"$_p/name" || continue
+        if [ "$_n" = "$VS_QGA_NAME" ] && [ -c "/dev/${_p##*/}" ]; then
+            VS_QGA_DEV=/dev/${_p##*/}
+            return 0
+        fi
+    done
+    return 1
+}
+
+# vs_qga_id REQUEST: set VS_ID to the "id" argument of a guest-sync request.
+vs_qga_id() {
+    VS_ID=${1#*\"id\"}
+    VS_ID=${VS_ID#*:}
+    while [ "${VS_ID# }" != "$VS_ID" ]; do VS_ID=${VS_ID# }; done
+    VS_ID=${VS_ID%%[!0-9]*}
+    [ -n "$VS_ID" ] || VS_ID=0
+}
+
+# vs_qga_freeze: stop the writer and report where it stopped.
+vs_qga_freeze() {
+    rm -f "$VS_FROZEN"
+    : >"$VS_FREEZE"
+    _t=0 _s=
+    while [ "$_t" -lt 1000 ]; do
+        if [ -s "$VS_FROZEN" ] && read -r _s <"$VS_FROZEN" && [ -n "$_s" ]; then
+            break
+        fi
+        [ -d "/proc/$VS_WRITER" ] || break   # the writer is done: nothing writes
+        usleep 5000
+        _t=$((_t + 1))
+    done
+    echo "VS-FROZEN seq=${_s:-?}"
+}
+
+vs_qga_thaw() {
+    rm -f "$VS_FREEZE" "$VS_FROZEN"
+    echo "VS-THAWED"
+}
+
+# vs_qga_handle REQUEST: the reply on fd 3 (one JSON line).
+vs_qga_handle() {
+    case "$1" in
+    *'"guest-sync-delimited"'*) vs_qga_id "$1"; printf '\377{"return": %s}\n' "$VS_ID" >&3 ;;
+    *'"guest-sync"'*) vs_qga_id "$1"; printf '{"return": %s}\n' "$VS_ID" >&3 ;;
+    *'"guest-ping"'*) printf '{"return": {}}\n' >&3 ;;
+    *'"guest-fsfreeze-freeze"'*) vs_qga_freeze; printf '{"return": 1}\n' >&3 ;;
+    *'"guest-fsfreeze-thaw"'*) vs_qga_thaw; printf '{"return": 1}\n' >&3 ;;
+    *'"guest-fsfreeze-status"'*)
+        if [ -e "$VS_FREEZE" ]; then _st=frozen; else _st=thawed; fi
+        printf '{"return": "%s"}\n' "$_st" >&3 ;;
+    *'"guest-info"'*)
+        _c=
+        for _n in guest-sync-delimited guest-sync guest-ping guest-info guest-fsfreeze-freeze \
+            guest-fsfreeze-thaw guest-fsfreeze-status; do
+            _c="$_c${_c:+, }{\"name\": \"$_n\", \"enabled\": true, \"success-response\": true}"
+        done
+        printf '{"return": {"version": "7.2.0", "supported_commands": [%s]}}\n' "$_c" >&3 ;;
+    *) printf '{"error": {"class": "CommandNotFound", "desc": "The command is not supported by the virtsync lab agent"}}\n' >&3 ;;
+    esac
+}
+
+# vs_qga_main: serve the port forever. A read returns EOF while no host-side
+# client (libvirt) is connected; the port stays open all along, because libvirt
+# connects only once the guest has opened it (QEMU's VSERPORT_CHANGE event).
+vs_qga_main() {
+    _t=0
+    until vs_qga_port; do
+        _t=$((_t + 1))
+        [ "$_t" -le 200 ] || { echo "VS-WARN no virtio port $VS_QGA_NAME"; return 1; }
+        usleep 50000
+    done
+    exec 3<>"$VS_QGA_DEV" || { echo "VS-WARN cannot open $VS_QGA_DEV"; return 1; }
+    echo "VS-QGA port=$VS_QGA_DEV"
+    while :; do
+        if IFS= read -r _req <&3; then
+            # libvirt may send a 0xFF byte (resync) before a request: keep the JSON only.
+            case "$_req" in \{*) ;; *\{*) _req="{${_req#*\{}" ;; *) continue ;; esac
+            echo "VS-QGA-RX $_req"
+            vs_qga_handle "$_req"
+        else
+            usleep 100000
+        fi
+    done
+}
+
+# vs_wait_thaw SEQ: called by the writer before write SEQ while VS_FREEZE exists.
+vs_wait_thaw() {
+    echo "$(( $1 - 1 ))" >"$VS_FROZEN"
+    while [ -e "$VS_FREEZE" ]; do
+        usleep 5000
+    done
+}
+
 vs_fail() {
     echo "VS-ERROR $*"
     sync
@@ -80,14 +192,7 @@ vs_main() {
     /bin/busybox --install -s /bin
     exec </dev/console >/dev/console 2>&1
 
-    for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev \
-        virtio_pci virtio_blk; do
-        if [ -f "/lib/modules/$m.ko" ]; then
-            insmod "/lib/modules/$m.ko" || echo "VS-WARN insmod $m failed"
-        fi
-    done
-
-    disks=1 blocks=1024 count=0 start=1 rate=0
+    disks=1 blocks=1024 count=0 start=1 rate=0 qga=0
     read -r cmdline </proc/cmdline
     for w in $cmdline; do
         case "$w" in
@@ -96,7 +201,16 @@ vs_main() {
         vs.count=*) count=${w#*=} ;;
         vs.start=*) start=${w#*=} ;;
         vs.rate=*) rate=${w#*=} ;;
+        vs.qga=*) qga=${w#*=} ;;
         esac
+    done
+
+    mods="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk"
+    [ "$qga" != 1 ] || mods="$mods virtio_console"
+    for m in $mods; do
+        if [ -f "/lib/modules/$m.ko" ]; then
+            insmod "/lib/modules/$m.ko" || echo "VS-WARN insmod $m failed"
+        fi
     done
     [ "$disks" -ge 1 ] && [ "$disks" -le 26 ] || vs_fail "bad vs.disks=$disks"
     [ "$blocks" -ge 1 ] && [ "$blocks" -le 99999999 ] || vs_fail "bad vs.blocks=$blocks"
@@ -116,6 +230,10 @@ vs_main() {
         i=$((i + 1))
     done
 
+    if [ "$qga" = 1 ]; then
+        VS_WRITER=$$
+        vs_qga_main &
+    fi
     echo "VS-READY disks=$disks blocks=$blocks count=$count start=$start rate=$rate"
     seq=$start
     n=0
@@ -124,6 +242,7 @@ vs_main() {
         t0=$VS_NOW
     fi
     while [ "$count" -eq 0 ] || [ "$n" -lt "$count" ]; do
+        [ "$qga" != 1 ] || [ ! -e "$VS_FREEZE" ] || vs_wait_thaw "$seq"
         d=$((seq % disks))
         vs_mix "$seq"
         b=$((VS_MIX % blocks))
