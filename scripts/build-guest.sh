@@ -21,8 +21,9 @@ init_src="$repo/tests/lab/guest/init.sh"
 cache="${VIRTSYNC_LAB_CACHE:-$HOME/.cache/virtsync-lab}"
 out="$cache/guest"
 stamp="$out/stamp"
-# Load order matters: each module only needs the ones before it.
-modules=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk)
+# Load order matters: each module only needs the ones before it. virtio_console
+# (the guest agent's virtio-serial port) is loaded only with vs.qga=1.
+modules=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk virtio_console)
 
 log() { echo "build-guest: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -105,8 +106,9 @@ kernel_pkg="$(resolve_kernel_pkg)"
 kver="${kernel_pkg#linux-image-}"
 parts="$cache/kernel/$kver"
 
-# 1. Kernel and modules, cached per kernel version (only the few files we need).
-if [ ! -e "$parts/.complete" ]; then
+# 1. Kernel and modules, cached per kernel version (only the few files we need);
+# .complete records the module list, so a new module refetches the package.
+if [ ! -e "$parts/.complete" ] || [ "$(sed -n 's/^modules=//p' "$parts/.complete")" != "${modules[*]}" ]; then
     log "fetching $kernel_pkg"
     apt_download "$kernel_pkg"
     deb="$(ls "$tmp"/debs/"${kernel_pkg}"_*.deb | head -n1)"
@@ -140,7 +142,11 @@ if [ ! -e "$parts/.complete" ]; then
         *) cp "$f" "$parts.new/modules/$m.ko" ;;
         esac
     done
-    echo "$kernel_pkg" >"$parts.new/.complete"
+    printf '%s\nmodules=%s\n' "$kernel_pkg" "${modules[*]}" >"$parts.new/.complete"
+    # Keep the extracted vmlinux (step 1b) of an older build of the same kernel.
+    for f in vmlinux .no-vmlinux; do
+        [ ! -e "$parts/$f" ] || mv "$parts/$f" "$parts.new/$f"
+    done
     rm -rf "$parts"
     mv "$parts.new" "$parts"
 fi
