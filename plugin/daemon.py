@@ -23,14 +23,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import config as config_mod
-from . import hook, ipc, peer, tracker
+from . import hook, ipc, peer, peer_api, tracker
 from . import keys as keys_mod
 from .config import Config
 from .domain import DiskSpec, PairState, Protection
 from .errors import ConfigError, PluginError, StateConflictError
 from .replication.primary import CutRefusedError, CycleError, DomainReplicator, NbdTls, resolve_nodes
-from .replication.secondary import PeerRequestError, Secondary
+from .replication.secondary import Secondary
 from .replication.storage_daemon import StorageDaemon
+from .requests import UsageError, arg
 from .state import Store
 from .tracker import ChangeKind, DiskEntry
 from .virt import domains, events
@@ -40,24 +41,6 @@ from .virt.qmp_bridge import LibvirtQmpTransport
 log = logging.getLogger("virtsync.daemon")
 PRIMARY = "primary"
 MAX_BACKOFF = 30.0
-
-
-class UsageError(PluginError):
-    exit_code = 2
-
-
-def _arg(args: dict[str, Any], key: str, kind: type, default: Any = ..., *, where: str = "") -> Any:
-    """One typed argument of an IPC or peer request."""
-    if key not in args or args[key] is None:
-        if default is ...:
-            raise UsageError(f"{where or 'request'}: missing {key!r}")
-        return default
-    value = args[key]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise UsageError(f"{where or 'request'}: {key!r} must be {kind.__name__}")
-    return value
 
 
 @dataclass
@@ -298,63 +281,7 @@ class Agent:
     # -- peer API (secondary role) ----------------------------------------------
 
     def _peer_handlers(self) -> dict[str, Any]:
-        """``op -> handler(body, caller)``; ``caller`` is the peer the request is authenticated as
-        (its pinned certificate). A peer acts only on replicas it owns and speaks only for itself."""
-        sec = self._sec
-
-        def owned(body: dict[str, Any], caller: str) -> str:
-            uuid: str = _arg(body, "uuid", str)
-            sec().authorize(uuid, caller)
-            return uuid
-
-        async def health(body: dict[str, Any], caller: str) -> dict[str, Any]:
-            return {"name": self.cfg.name, "time": time.time()}
-
-        async def info(body: dict[str, Any], caller: str) -> dict[str, Any]:
-            return sec().info(owned(body, caller))
-
-        async def prepare(body: dict[str, Any], caller: str) -> dict[str, Any]:
-            disks = _arg(body, "disks", list)
-            if not all(isinstance(d, dict) for d in disks):
-                raise PeerRequestError("disks must be objects")
-            primary = _arg(body, "primary", str)
-            if primary != caller:
-                raise PeerRequestError(f"peer {caller} asked for a replica whose primary is {primary!r:.40}: "
-                                       "a peer may only prepare replicas of its own domains")
-            return await sec().prepare(owned(body, caller), _arg(body, "domain", str),
-                                       primary, disks, _arg(body, "protection", dict, {}))
-
-        async def open_cycle(body: dict[str, Any], caller: str) -> dict[str, Any]:
-            targets = _arg(body, "targets", list)
-            sizes = _arg(body, "sizes", dict, {})
-            return await sec().open_cycle(owned(body, caller), _arg(body, "seq", int), _arg(body, "kind", str),
-                                          [str(t) for t in targets], sizes)
-
-        async def commit_cycle(body: dict[str, Any], caller: str) -> dict[str, Any]:
-            nbytes = _arg(body, "bytes", dict)
-            if not all(isinstance(v, int) for v in nbytes.values()):
-                raise PeerRequestError("bytes must map disks to integers")
-            return await sec().commit_cycle(owned(body, caller), _arg(body, "seq", int),
-                                            _arg(body, "cut_time", float), nbytes, _arg(body, "label", str, ""),
-                                            _arg(body, "apply", bool, True))
-
-        async def commit_empty(body: dict[str, Any], caller: str) -> dict[str, Any]:
-            return await sec().commit_empty(owned(body, caller), _arg(body, "seq", int),
-                                            _arg(body, "cut_time", float), _arg(body, "label", str, ""),
-                                            _arg(body, "apply", bool, True))
-
-        async def retire(body: dict[str, Any], caller: str) -> None:
-            await sec().retire(owned(body, caller), _arg(body, "target", str))
-
-        async def abort_cycle(body: dict[str, Any], caller: str) -> None:
-            await sec().abort_cycle(owned(body, caller), _arg(body, "seq", int))
-
-        async def remove(body: dict[str, Any], caller: str) -> None:
-            await sec().remove(owned(body, caller), _arg(body, "keep_replica", bool, False))
-
-        return {"health": health, "info": info, "prepare": prepare, "open_cycle": open_cycle,
-                "commit_cycle": commit_cycle, "commit_empty": commit_empty, "abort_cycle": abort_cycle,
-                "remove": remove, "retire": retire}
+        return peer_api.replica_handlers(self.cfg.name, self._sec)
 
     def _sec(self) -> Secondary:
         assert self.secondary is not None
@@ -386,11 +313,11 @@ class Agent:
                                  required="protected")
 
     async def op_protect(self, args: dict[str, Any]) -> Any:
-        name = _arg(args, "domain", str)
-        peer_name = _arg(args, "to", str)
+        name = arg(args, "domain", str)
+        peer_name = arg(args, "to", str)
         try:
-            prot = Protection(peer=peer_name, segment=_arg(args, "segment", str, "default"),
-                              rpo=_arg(args, "rpo", int, 300), mode=_arg(args, "mode", str, "async"))
+            prot = Protection(peer=peer_name, segment=arg(args, "segment", str, "default"),
+                              rpo=arg(args, "rpo", int, 300), mode=arg(args, "mode", str, "async"))
         except ValueError as e:
             raise UsageError(str(e)) from None
         if prot.mode != "async":
@@ -444,7 +371,7 @@ class Agent:
                 raise
         finally:
             del protecting[uuid]
-        if _arg(args, "wait", bool, False):
+        if arg(args, "wait", bool, False):
             return self._wait_first_marker(self.protected[uuid])
         return {"domain": name, "uuid": uuid, "pairs": self._pairs_json(uuid)}
 
@@ -618,7 +545,7 @@ class Agent:
     async def op_hook(self, args: dict[str, Any]) -> Any:
         """A libvirt hook call (live or replayed from the spool): recorded;
         for a protected domain the tracker looks again."""
-        name = _arg(args, "domain", str)
+        name = arg(args, "domain", str)
         event = " ".join(str(args.get(k) or "-") for k in ("op", "sub_op"))
         self._store().audit("hook", None, domain=name, call=event, extra=str(args.get("extra") or "")[:200],
                             replayed=bool(args.get("replayed", False)))
@@ -641,7 +568,7 @@ class Agent:
         hook.clear_spool(path)
 
     async def op_tracker(self, args: dict[str, Any]) -> Any:
-        return {"changes": self._store().tracker_log(_arg(args, "domain", str, None))}
+        return {"changes": self._store().tracker_log(arg(args, "domain", str, None))}
 
     async def _run_domain(self, p: Protected) -> None:
         """The per-domain supervisor: cycles every rpo/2, sooner on request;
@@ -724,8 +651,8 @@ class Agent:
                 await p.task
 
     async def op_unprotect(self, args: dict[str, Any]) -> Any:
-        p = self._find(_arg(args, "domain", str))
-        keep = _arg(args, "keep_replica", bool, False)
+        p = self._find(arg(args, "domain", str))
+        keep = arg(args, "keep_replica", bool, False)
         store = self._store()
         prot = store.protection(p.uuid, PRIMARY)
         await self._stop_supervisor(p)
@@ -741,7 +668,7 @@ class Agent:
         return {"domain": p.name, "replica_kept": keep}
 
     async def op_suspend(self, args: dict[str, Any]) -> Any:
-        p = self._find(_arg(args, "domain", str))
+        p = self._find(arg(args, "domain", str))
         self._store().set_protection(p.uuid, PRIMARY, suspended=1)
         # A cycle already cut finishes (its marker is consistent); none starts after.
         async with asyncio.timeout(self.cfg.cycle_timeout):
@@ -751,25 +678,25 @@ class Agent:
         return {"domain": p.name, "state": PairState.SUSPENDED.value}
 
     async def op_resume(self, args: dict[str, Any]) -> Any:
-        p = self._find(_arg(args, "domain", str))
+        p = self._find(arg(args, "domain", str))
         self._store().set_protection(p.uuid, PRIMARY, suspended=0)
         self._store().set_pair_state(p.uuid, PRIMARY, PairState.ACTIVE)
         p.wake.set()
         return {"domain": p.name, "state": PairState.ACTIVE.value}
 
     async def op_mark(self, args: dict[str, Any]) -> Any:
-        p = self._find(_arg(args, "domain", str))
-        quiesce = _arg(args, "quiesce", bool, False)
-        crash_ok = _arg(args, "crash_consistent_ok", bool, False)
+        p = self._find(arg(args, "domain", str))
+        quiesce = arg(args, "quiesce", bool, False)
+        crash_ok = arg(args, "crash_consistent_ok", bool, False)
         if crash_ok and not quiesce:
             raise UsageError("--crash-consistent-ok only goes with --quiesce")
-        req = MarkRequest(_arg(args, "label", str, ""), not _arg(args, "no_apply", bool, False),
+        req = MarkRequest(arg(args, "label", str, ""), not arg(args, "no_apply", bool, False),
                           asyncio.get_running_loop().create_future(), quiesce=quiesce, crash_consistent_ok=crash_ok)
         if p.task is None or p.task.done():
             raise StateConflictError(f"replication of {p.name} is not running", state="stopped", required="running")
         p.marks.append(req)
         p.wake.set()
-        if not _arg(args, "wait", bool, True):
+        if not arg(args, "wait", bool, True):
             # Nobody waits: its outcome shows in pairs and markers, not as a stray error.
             req.done.add_done_callback(lambda f: f.cancelled() or f.exception())
             return {"domain": p.name, "queued": True}
@@ -778,7 +705,7 @@ class Agent:
 
     async def op_markers(self, args: dict[str, Any]) -> Any:
         """Markers of a domain: read locally on the secondary, from the peer on the primary."""
-        name = _arg(args, "domain", str)
+        name = arg(args, "domain", str)
         try:
             uuid = self._sec().find(name)
         except StateConflictError:
@@ -789,7 +716,7 @@ class Agent:
         return self._sec().info(uuid)
 
     def _replica(self, args: dict[str, Any]) -> str:
-        name = _arg(args, "domain", str)
+        name = arg(args, "domain", str)
         try:
             return self._sec().find(name)
         except StateConflictError:
@@ -801,7 +728,7 @@ class Agent:
             raise
 
     async def op_apply(self, args: dict[str, Any]) -> Any:
-        until = _arg(args, "until", int, None)
+        until = arg(args, "until", int, None)
         return await self._sec().apply(self._replica(args), until)
 
     async def op_hold(self, args: dict[str, Any]) -> Any:
@@ -811,12 +738,12 @@ class Agent:
         return await self._sec().set_held(self._replica(args), False)
 
     async def op_restore(self, args: dict[str, Any]) -> Any:
-        dest = _arg(args, "to", str)
+        dest = arg(args, "to", str)
         if not os.path.isabs(dest):
             raise UsageError(f"--to must be an absolute path, not {dest!r}")
         if os.path.exists(dest) and os.listdir(dest):
             raise UsageError(f"{dest} is not empty: restore never overwrites")
-        return await self._sec().restore(self._replica(args), _arg(args, "marker", int), dest)
+        return await self._sec().restore(self._replica(args), arg(args, "marker", int), dest)
 
     def _pairs_json(self, uuid: str | None = None) -> list[dict[str, Any]]:
         out = []
@@ -841,7 +768,7 @@ class Agent:
         return None
 
     async def op_pairs(self, args: dict[str, Any]) -> Any:
-        name = _arg(args, "domain", str, None)
+        name = arg(args, "domain", str, None)
         uuid = self._find(name).uuid if name else None
         pairs = self._pairs_json(uuid)
         for entry in pairs:
