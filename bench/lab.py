@@ -36,6 +36,7 @@ import libvirt_qemu
 
 from tests.lab.agent import LabAgent
 from tests.lab.host import LabHost, lab_prerequisites, link_hosts, reap_stale
+from tests.lab.qemu_vm import kvm_usable
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -43,15 +44,6 @@ CLUSTER = 64 * 1024
 VS_DOMAIN = "vsb-vs"
 VNB_DOMAIN = "vsb-vnb"
 DEVICE = "/machine/peripheral/virtio-disk0/virtio-backend"
-
-
-def kvm_usable() -> bool:
-    try:
-        fd = os.open("/dev/kvm", os.O_RDWR)
-    except OSError:
-        return False
-    os.close(fd)
-    return True
 
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
