@@ -319,9 +319,9 @@ def main(argv: list[str] | None = None) -> int:
 def study(lab: Lab, size: int, reps: int) -> int:
     t_start = time.monotonic()
     cpuinfo = Path("/proc/cpuinfo").read_text()
-    aesni = any(l.startswith("flags") and " aes " in f" {l} " for l in cpuinfo.splitlines())
-    model = next((l.split(":", 1)[1].strip() for l in cpuinfo.splitlines()
-                  if l.startswith("model name")), "?")
+    aesni = any(line.startswith("flags") and " aes " in f" {line} " for line in cpuinfo.splitlines())
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+                  if line.startswith("model name")), "?")
     qver = subprocess.run([QEMU_IMG, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     gver = subprocess.run(["certtool", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     print(f"# {qver}; {gver}; CPU: {model} x{os.cpu_count()}; AES-NI: {'yes' if aesni else 'no'}")
@@ -378,11 +378,11 @@ def study(lab: Lab, size: int, reps: int) -> int:
         xs = res[n]
         gib = [x.nbytes / GiB for x in xs]
         print(f"| {n} | {mmm([x.mibps for x in xs], '.0f')} "
-              f"| {mmm([x.mibps / p.mibps for x, p in zip(xs, plain)], '.2f')} "
-              f"| {mmm([x.mibps / p.mibps for x, p in zip(xs, psk)], '.2f')} "
-              f"| {mmm([x.cpu_client / g for x, g in zip(xs, gib)], '.2f')} "
-              f"| {mmm([x.cpu_server / g for x, g in zip(xs, gib)], '.2f')} "
-              f"| {mmm([(x.cpu_client + x.cpu_server) / g for x, g in zip(xs, gib)], '.2f')} |")
+              f"| {mmm([x.mibps / p.mibps for x, p in zip(xs, plain, strict=False)], '.2f')} "
+              f"| {mmm([x.mibps / p.mibps for x, p in zip(xs, psk, strict=False)], '.2f')} "
+              f"| {mmm([x.cpu_client / g for x, g in zip(xs, gib, strict=False)], '.2f')} "
+              f"| {mmm([x.cpu_server / g for x, g in zip(xs, gib, strict=False)], '.2f')} "
+              f"| {mmm([(x.cpu_client + x.cpu_server) / g for x, g in zip(xs, gib, strict=False)], '.2f')} |")
     print()
     print(f"| {best}, 2 x {size // 2 // MiB} MiB | wall s | MiB/s | speed vs sequential "
           "| CPU s/GiB client | CPU s/GiB server | CPU s/GiB total |")
@@ -392,10 +392,10 @@ def study(lab: Lab, size: int, reps: int) -> int:
         gib = [x.nbytes / GiB for x in xs]
         print(f"| {mode} | {mmm([x.wall for x in xs], '.2f')} "
               f"| {mmm([x.mibps for x in xs], '.0f')} "
-              f"| {mmm([x.mibps / q.mibps for x, q in zip(xs, par['sequential'])], '.2f')} "
-              f"| {mmm([x.cpu_client / g for x, g in zip(xs, gib)], '.2f')} "
-              f"| {mmm([x.cpu_server / g for x, g in zip(xs, gib)], '.2f')} "
-              f"| {mmm([(x.cpu_client + x.cpu_server) / g for x, g in zip(xs, gib)], '.2f')} |")
+              f"| {mmm([x.mibps / q.mibps for x, q in zip(xs, par['sequential'], strict=False)], '.2f')} "
+              f"| {mmm([x.cpu_client / g for x, g in zip(xs, gib, strict=False)], '.2f')} "
+              f"| {mmm([x.cpu_server / g for x, g in zip(xs, gib, strict=False)], '.2f')} "
+              f"| {mmm([(x.cpu_client + x.cpu_server) / g for x, g in zip(xs, gib, strict=False)], '.2f')} |")
     return 0
 
 

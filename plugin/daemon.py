@@ -142,7 +142,8 @@ class Agent:
         self.store: Store | None = None
         run_dir = os.path.join(cfg.state_dir, "run")
         self.qsd = StorageDaemon(run_dir, cfg.replication_address, cfg.replication_port,
-                                 tls_dir=os.path.join(run_dir, "nbd-psk") if cfg.tls else None)
+                                 tls_dir=os.path.join(run_dir, "nbd-psk") if cfg.tls else None,
+                                 tls_priority=cfg.tls_priority)
         self.secondary: Secondary | None = None
         # Clients with their TLS contexts are made at start(), from the keys (_setup_links).
         self.peers: dict[str, peer.PeerClient] = {}
@@ -215,7 +216,7 @@ class Agent:
             pinned.append(keys.cert_pem)
             psks[name] = keys.psk
             self.peers[name] = peer.PeerClient(spec, peer.client_context(kd.cert_path, kd.key_path, keys.cert_pem))
-            self._nbd_tls[name] = NbdTls(keys.psk_dir, self.cfg.name)
+            self._nbd_tls[name] = NbdTls(keys.psk_dir, self.cfg.name, self.cfg.tls_priority)
             log.info("peer %s: certificate %s pinned", name, keys.cert_fingerprint)
         assert self.qsd.tls_dir is not None
         keys_mod.write_server_psk(self.qsd.tls_dir, psks)

@@ -274,11 +274,13 @@ def nbd_server_start_args(
 
 def tls_creds_psk_args(
     object_id: str, *, endpoint: Literal["client", "server"], dir: str, username: str | None = None,
+    priority: str | None = None,
 ) -> Args:
     """``object-add`` of a ``tls-creds-psk`` object (QEMU's TLS with a pre-shared key).
 
     The key never travels in QMP: QEMU reads ``dir/keys.psk`` (lines ``username:hexkey``).
     A client presents ``username`` and uses its line; a server accepts any line's user.
+    ``priority`` is a GnuTLS priority string (QEMU appends its PSK key exchanges).
     """
     if endpoint not in ("client", "server"):
         raise ValueError(f"tls-creds-psk endpoint must be client or server, not {endpoint!r}")
@@ -286,8 +288,10 @@ def tls_creds_psk_args(
         raise ValueError("tls-creds-psk needs the directory holding keys.psk")
     if username is not None and endpoint != "client":
         raise ValueError("only a tls-creds-psk client has a username")
+    if priority is not None and (not priority or not priority.isprintable() or "NULL" in priority.upper()):
+        raise ValueError(f"refusing TLS priority {priority!r:.60}: empty, unprintable or allowing a NULL cipher")
     return _drop_none({"qom-type": "tls-creds-psk", "id": owned(object_id), "endpoint": endpoint, "dir": dir,
-                       "username": username})
+                       "username": username, "priority": priority})
 
 
 def object_del_args(object_id: str) -> Args:

@@ -70,6 +70,7 @@ class NbdTls:
 
     dir: str
     username: str
+    priority: str | None = None
     object_id: str = "vs-tls-nbd"
 
 
@@ -408,7 +409,8 @@ class DomainReplicator:
         # One left behind by a killed agent would make object-add fail ("duplicate").
         await nodes.object_del(self.qmp, self.tls.object_id, missing_ok=True)
         return await nodes.object_add(self.qmp, commands.tls_creds_psk_args(
-            self.tls.object_id, endpoint="client", dir=self.tls.dir, username=self.tls.username))
+            self.tls.object_id, endpoint="client", dir=self.tls.dir, username=self.tls.username,
+            priority=self.tls.priority))
 
     async def _remove_nbd_nodes(self) -> None:
         """Drop the NBD nodes, then the TLS object they used."""

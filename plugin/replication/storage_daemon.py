@@ -40,13 +40,15 @@ class StorageDaemonError(PluginError):
 class StorageDaemon:
     """Owns one qemu-storage-daemon process and its QMP connection."""
 
-    def __init__(self, run_dir: str, address: str, port: int, *, tls_dir: str | None = None) -> None:
+    def __init__(self, run_dir: str, address: str, port: int, *, tls_dir: str | None = None,
+                 tls_priority: str | None = None) -> None:
         """:param tls_dir: directory of the server's ``keys.psk``; None serves plain NBD
             (only for peers set ``insecure_plain``)"""
         self.run_dir = run_dir
         self.address = address
         self.port = port
         self.tls_dir = tls_dir
+        self.tls_priority = tls_priority
         self.qmp: QmpSocketTransport | None = None
         self._proc: asyncio.subprocess.Process | None = None
 
@@ -75,7 +77,7 @@ class StorageDaemon:
         tls_creds = None
         if self.tls_dir is not None:
             tls_creds = await nodes.object_add(self.qmp, commands.tls_creds_psk_args(
-                TLS_OBJECT, endpoint="server", dir=self.tls_dir))
+                TLS_OBJECT, endpoint="server", dir=self.tls_dir, priority=self.tls_priority))
         await nodes.nbd_server_start(self.qmp, host=self.address, port=self.port, tls_creds=tls_creds)
         log.info("qemu-storage-daemon pid %s serving NBD%s on %s:%s", self._proc.pid,
                  " with TLS (PSK)" if tls_creds else " in plain text (insecure_plain)", self.address, self.port)

@@ -37,6 +37,8 @@ CASES: dict[str, Any] = {
     "nbd_server": lambda: c.nbd_server_start_args(host="10.250.0.2", port=10809, tls_creds="vs-tls"),
     "export_add": lambda: c.block_export_add_args("vs-exp-0", "vs-seg1", name="web01-vda", writable=True),
     "export_del": lambda: c.block_export_del_args("vs-exp-0", force=True),
+    "tls_psk_client_aes": lambda: c.tls_creds_psk_args("vs-tls-nbd", endpoint="client", dir="/etc/virtsync/keys/dr1",
+                                                       username="pri", priority="NORMAL:-CIPHER-ALL:+AES-128-GCM"),
     "tls_psk_client": lambda: c.tls_creds_psk_args("vs-tls-dr1", endpoint="client", dir="/etc/virtsync/keys/dr1",
                                                    username="pri"),
     "tls_psk_server": lambda: c.tls_creds_psk_args("vs-tls-server", endpoint="server", dir="/run/x/nbd-psk"),
@@ -67,6 +69,7 @@ def test_builder_matches_golden(name: str, regenerate: bool) -> None:
     (lambda: c.nbd_server_start_args(host="0.0.0.0", port=10809), "wildcard"),
     (lambda: c.nbd_server_start_args(host="::", port=10809), "wildcard"),
     (lambda: c.set_speed_args("vs-j", -1), ">= 0"),
+    (lambda: c.tls_creds_psk_args("vs-t", endpoint="server", dir="/k", priority="NORMAL:+NULL"), "NULL cipher"),
     (lambda: c.tls_creds_psk_args("tls0", endpoint="client", dir="/k"), "refusing to manage 'tls0'"),
     (lambda: c.tls_creds_psk_args("vs-t", endpoint="both", dir="/k"), "client or server"),  # type: ignore[arg-type]
     (lambda: c.tls_creds_psk_args("vs-t", endpoint="server", dir="/k", username="u"), "only a tls-creds-psk client"),

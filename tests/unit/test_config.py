@@ -29,6 +29,7 @@ storage = "/srv/replicas"
 cycle_timeout = 120
 stall_after = 2.5
 min_cycle_interval = 0.5
+tls_priority = "NORMAL:-CIPHER-ALL:+AES-256-GCM"
 
 [peers.dr1]
 address = "10.250.0.2:8441"
@@ -63,7 +64,8 @@ def test_full_file_parses_every_key() -> None:
         state_dir="/var/lib/virtsync", libvirt_uri="qemu:///system", replication_address="10.250.0.1",
         replication_port=10809, storage="/srv/replicas",
         peers={"dr1": PeerSpec("dr1", "10.250.0.2", 8441), "dr-2": PeerSpec("dr-2", "fd00::2", 9000)},
-        cycle_timeout=120.0, stall_after=2.5, min_cycle_interval=0.5, path=FILE)
+        cycle_timeout=120.0, stall_after=2.5, min_cycle_interval=0.5,
+        tls_priority="NORMAL:-CIPHER-ALL:+AES-256-GCM", path=FILE)
     assert isinstance(cfg.cycle_timeout, float)
     assert cfg.db_path == "/var/lib/virtsync/state.db"
     assert cfg.peer("dr1").port == 8441
@@ -302,3 +304,15 @@ def test_load_empty_file(tmp_path: Path) -> None:
 def test_load_names_the_file_in_parse_errors(tmp_path: Path) -> None:
     path = write(tmp_path, minimal(replication="port = 0").encode())
     assert "replication.port" in load_refused(path)
+
+
+def test_tls_priority_auto_default_and_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
+    base = '[agent]\nname = "pri"\nlisten = "10.0.0.1:8441"\n[replication]\n'
+    monkeypatch.setattr(config, "cpu_has_aes", lambda: True)
+    assert config.parse(base).tls_priority == config.AES_PRIORITY
+    monkeypatch.setattr(config, "cpu_has_aes", lambda: False)
+    assert config.parse(base).tls_priority is None
+    assert config.parse(base + 'tls_priority = "default"').tls_priority is None
+    assert config.parse(base + 'tls_priority = "NORMAL:-VERS-TLS1.2"').tls_priority == "NORMAL:-VERS-TLS1.2"
+    with pytest.raises(ConfigError, match="not a sound GnuTLS priority"):
+        config.parse(base + 'tls_priority = "NORMAL:+NULL"')
