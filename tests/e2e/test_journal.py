@@ -167,3 +167,53 @@ def test_damaged_segment_stops_the_reflecting_unit(site: dict[str, Any], tmp_pat
     sec.start()
     with pytest.raises(PluginError, match=f"marker {ma}: record checksum mismatch"):
         sec.call("restore", domain=GUEST, marker=ma, to=str(tmp_path / "r2"))
+
+
+@pytest.mark.parametrize("policy", ["refuse", "apply"])
+def test_full_journal_is_loud_and_never_drops_a_marker(lab_pair: LabPair, policy: str) -> None:
+    """Held journal over its space limit: "refuse" fails new cycles with a clear
+    reason until space is made; "apply" applies and folds the oldest markers
+    (audited) to take the new one. Either way no committed marker vanishes
+    unannounced and the replica stays a consistent cut."""
+    start_writing_guest(lab_pair.pri, GUEST, DISKS, BLOCKS, size="8M")
+    journal = {"max_bytes": 3 << 20, "on_full": policy, "retain_markers": 1}
+    with open_site(lab_pair, journal=journal) as s:
+        s.domains.append(GUEST)
+        pri, sec = s.pri, s.sec
+        pri.call("protect", domain=GUEST, to="sec", rpo=3600, wait=True)
+        sec.call("hold", domain=GUEST)
+        seqs = []
+        for _ in range(8):   # each held marker keeps its segments: the journal grows
+            time.sleep(0.3)
+            try:
+                seqs.append(pri.call("mark", domain=GUEST)["seq"])
+            except PluginError as e:
+                assert policy == "refuse" and "journal full" in str(e), e
+                break
+        info = sec.call("markers", domain=GUEST)
+        if policy == "refuse":
+            assert len(seqs) < 8, "the limit was never reached"
+            assert info["journal_bytes"] > info["journal_limit"]
+            pairs = pri.call("pairs", domain=GUEST)["pairs"]
+            assert all(p["state"] == "error" and "journal full" in p["reason"] for p in pairs), pairs
+            assert [m["seq"] for m in info["markers"]][-len(seqs):] == seqs  # nothing dropped
+            sec.call("release", domain=GUEST)            # apply + retention make room
+            seqs.append(pri.call("mark", domain=GUEST)["seq"])
+        else:
+            assert len(seqs) == 8
+            # to make room the policy applied everything before the newest cut,
+            # past the hold; the newest one stays held, and still listed
+            assert info["applied"] == seqs[-2], "policy apply moves the replica past the hold"
+            assert info["markers"][-1]["seq"] == seqs[-1]
+        replica_cut(sec)
+        assert "journal-full" in agent_rows_audit(sec)  # loud: recorded under either policy
+
+
+def agent_rows_audit(agent: LabAgent) -> set[str]:
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{agent.dir / 'state' / 'state.db'}?mode=ro", uri=True)
+    try:
+        return {r[0] for r in db.execute("SELECT event FROM audit")}
+    finally:
+        db.close()
