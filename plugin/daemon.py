@@ -388,32 +388,20 @@ class Agent:
         yield {"domain": p.name, "uuid": p.uuid, "pairs": self._pairs_json(p.uuid)}
 
     async def _disk_specs(self, dom: Any) -> list[DiskSpec]:
-        """The disks to replicate; refuses what this mode cannot handle."""
+        """The disks to replicate at protect time: the tracker's choice, except that
+        a writable disk it cannot replicate is refused here rather than skipped, so
+        nobody believes a VM protected while one of its disks is not."""
         name = dom.name()
-        specs = []
-        aliases = {}
-        chosen = []
-        for disk in domains.parse_disks(await domains.live_xml(dom)):
-            if disk.device != "disk" or disk.read_only:
-                continue  # cdroms, floppies and read-only disks do not change
-            if disk.shareable:
-                raise UsageError(f"{name}: disk {disk.target} is shareable; a shared disk cannot be replicated per VM")
-            if disk.disk_type not in ("file", "block", "volume"):
-                raise UsageError(f"{name}: disk {disk.target} is a {disk.disk_type} disk; only local disks are supported")
-            if disk.fmt != "qcow2":
-                raise UsageError(f"{name}: disk {disk.target} is {disk.fmt}: asynchronous mode needs qcow2, whose "
-                                 "persistent dirty bitmaps survive a restart")
-            chosen.append(disk)
-            aliases[disk.target] = disk.alias
-        if not chosen:
-            raise UsageError(f"{name}: no writable disk to replicate")
         # Commands only: no event registration, which libvirt allows once per domain and
         # connection ("event callback already tracked") and the supervisor's transport may hold.
-        found = await resolve_nodes(LibvirtQmpTransport(dom), aliases)
-        for disk in chosen:
-            node, size = found[disk.target]
-            specs.append(DiskSpec(disk.target, disk.source, disk.fmt, size, node, disk.alias))
-        return specs
+        entries, specs, exclude = await self._current_disks(dom, LibvirtQmpTransport(dom))
+        for entry in entries:
+            why = tracker.exclusion(entry, exclude)
+            if why and entry.device == "disk" and not entry.read_only and entry.target not in exclude:
+                raise UsageError(f"{name}: disk {entry.target} cannot be replicated: {why}")
+        if not specs:
+            raise UsageError(f"{name}: no writable disk to replicate")
+        return [specs[t] for t in sorted(specs)]
 
     async def _supervise(self, uuid: str) -> None:
         store = self._store()

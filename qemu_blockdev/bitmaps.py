@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from . import commands
 from .errors import BitmapError
-from .models import BitmapInfo
+from .models import BitmapInfo, BlockNode
 from .nodes import query_nodes
 from .transport import QmpTransport
 
@@ -65,14 +65,25 @@ async def dirty_bytes(transport: QmpTransport, node: str, name: str) -> int:
     return (await info(transport, node, name)).count
 
 
-async def require_usable(transport: QmpTransport, node: str, name: str) -> BitmapInfo:
-    """Return the bitmap if an incremental copy may rely on it.
+def check_usable(node: BlockNode | None, node_name: str, name: str) -> BitmapInfo:
+    """The bitmap from an already-queried node, if an incremental copy may rely on it.
 
-    :raise BitmapError: it is inconsistent (QEMU did not store it cleanly) or busy
+    :raise BitmapError: no such node or bitmap, or it is inconsistent (QEMU did not
+        store it cleanly) or busy
     """
-    bitmap = await info(transport, node, name)
+    if node is None:
+        raise BitmapError(f"no block node {node_name!r}")
+    bitmap = node.bitmap(name)
+    if bitmap is None:
+        raise BitmapError(f"node {node_name!r} has no dirty bitmap {name!r}")
     if bitmap.inconsistent:
-        raise BitmapError(f"dirty bitmap {name!r} on {node!r} is inconsistent: a full resync is needed")
+        raise BitmapError(f"dirty bitmap {name!r} on {node_name!r} is inconsistent: a full resync is needed")
     if bitmap.busy:
-        raise BitmapError(f"dirty bitmap {name!r} on {node!r} is in use by another job")
+        raise BitmapError(f"dirty bitmap {name!r} on {node_name!r} is in use by another job")
     return bitmap
+
+
+async def require_usable(transport: QmpTransport, node: str, name: str) -> BitmapInfo:
+    """Return the bitmap if an incremental copy may rely on it (see :func:`check_usable`)."""
+    found = {n.node_name: n for n in await query_nodes(transport)}
+    return check_usable(found.get(node), node, name)

@@ -188,9 +188,10 @@ class DomainReplicator:
         if last == 0:
             return {d.target for d in self.disks}
         full = set()
+        found = {n.node_name: n for n in await nodes.query_nodes(self.qmp)}  # one query for all disks
         for disk in self.disks:
             try:
-                await bitmaps.require_usable(self.qmp, disk.node, gen_name(last))
+                bitmaps.check_usable(found.get(disk.node), disk.node, gen_name(last))
             except BlockdevError as e:
                 self.log.warning("full copy of %s: %s", disk.target, e)
                 full.add(disk.target)

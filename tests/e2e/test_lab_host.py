@@ -26,6 +26,7 @@ from qemu_blockdev.errors import QmpCommandError, TransportError
 from tests.lab.fixtures import LabPair, require_lab
 from tests.lab.host import LabError, LabHost
 from tests.lab.netfault import NetFaultUnsupportedError, clear_netem, link_down, link_up, netem
+from tests.lab.site import bios_domain_xml
 
 pytestmark = pytest.mark.libvirt
 
@@ -35,23 +36,7 @@ WILDCARDS = ("0.0.0.0", "*", "[::]")
 
 def guest_xml(disk: Path) -> str:
     """A tiny TCG guest that stays in the BIOS (no OS needed) with one qcow2 disk."""
-    return f"""
-<domain type='qemu'>
-  <name>{GUEST}</name>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64'>hvm</type></os>
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='{disk}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-"""
+    return bios_domain_xml(GUEST, [(str(disk), "qcow2")], "qemu")
 
 
 def make_disk(tmp_path: Path) -> Path:

@@ -33,6 +33,7 @@ from tests.lab.fixtures import LabPair
 from tests.lab.host import LabHost
 from tests.lab.qemu_vm import kvm_usable
 from tests.lab.qsd import StorageDaemon, serve_image, unserve_image
+from tests.lab.site import bios_domain_xml
 
 pytestmark = pytest.mark.libvirt
 
@@ -47,34 +48,11 @@ JOB_TIMEOUT = 30.0
 
 # -- the primary: a libvirt domain ---------------------------------------------
 
-def guest_xml(disks: Sequence[Path], domain_type: str) -> str:
-    """A guest that stays in the BIOS (no OS needed) with one virtio qcow2 disk per path."""
-    targets = ("vda", "vdb", "vdc", "vdd")
-    disk_xml = "".join(f"""
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='{path}'/>
-      <target dev='{targets[i]}' bus='virtio'/>
-    </disk>""" for i, path in enumerate(disks))
-    return f"""
-<domain type='{domain_type}'>
-  <name>{GUEST}</name>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64'>hvm</type></os>
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>{disk_xml}
-    <memballoon model='none'/>
-  </devices>
-</domain>
-"""
-
-
 def start_guest(conn: libvirt.virConnect, disks: Sequence[Path]) -> libvirt.virDomain:
     """Define and start the guest under KVM when it works here, else TCG."""
     last: libvirt.libvirtError | None = None
     for domain_type in (("kvm", "qemu") if kvm_usable() else ("qemu",)):
-        dom = conn.defineXML(guest_xml(disks, domain_type))
+        dom = conn.defineXML(bios_domain_xml(GUEST, [(str(d), "qcow2") for d in disks], domain_type))
         try:
             dom.create()
             return dom

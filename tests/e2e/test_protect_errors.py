@@ -89,7 +89,7 @@ def test_bad_protects_leave_nothing_then_protect_works(site: Site, capsys: pytes
     assert_nothing_created(capsys, site)
 
     line = refused(capsys, site, 2, "UsageError", RAW, "--to", "sec")
-    assert "disk vda is raw" in line and "asynchronous mode needs qcow2" in line
+    assert "disk vda cannot be replicated: format raw" in line and "asynchronous mode needs qcow2" in line
     assert_nothing_created(capsys, site)
 
     line = refused(capsys, site, 1, "StateConflictError", OFF, "--to", "sec")
