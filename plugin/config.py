@@ -15,6 +15,8 @@
     address = "10.250.0.1"            # NBD server (data path)
     port = 10809
     storage = "/var/lib/virtsync/replicas"
+    scratch = "/var/lib/virtsync/scratch"  # each cycle's dirty blocks wait here before crossing the link:
+                                      # local disk, QEMU must be able to create files there
 
     [journal]                         # the secondary's journal of markers
     apply_delay = 0                   # seconds a marker waits before it is applied
@@ -66,6 +68,7 @@ class Config:
     replication_address: str = "127.0.0.1"
     replication_port: int = 10809
     storage: str = "/var/lib/virtsync/replicas"
+    scratch: str = "/var/lib/virtsync/scratch"  # the primary's staging files (QEMU writes them)
     peers: dict[str, PeerSpec] = field(default_factory=dict)
     cycle_timeout: float = 600.0
     stall_after: float = 10.0
@@ -176,7 +179,8 @@ def _check_values(cfg: Config) -> None:
             need = "> 0" if minimum is not None else ">= 0"
             raise ConfigError(f"replication.{key} must be a finite number of seconds {need}, not {value!r}")
     for name, path in (("agent.socket", cfg.socket), ("agent.state_dir", cfg.state_dir),
-                       ("agent.keys_dir", cfg.keys_dir), ("replication.storage", cfg.storage)):
+                       ("agent.keys_dir", cfg.keys_dir), ("replication.storage", cfg.storage),
+                       ("replication.scratch", cfg.scratch)):
         if not path or "\0" in path:
             raise ConfigError(f"{name} must be a non-empty path without NUL characters")
 
@@ -282,6 +286,7 @@ def _parse_doc(doc: dict[str, Any], path: str) -> Config:
         replication_address=rep_addr,
         replication_port=rep_port,
         storage=_get(repl, "storage", str, "replication", os.path.join(state_dir, "replicas")),
+        scratch=_get(repl, "scratch", str, "replication", os.path.join(state_dir, "scratch")),
         peers=peers,
         cycle_timeout=_get(repl, "cycle_timeout", float, "replication", 600.0),
         stall_after=_get(repl, "stall_after", float, "replication", 10.0),

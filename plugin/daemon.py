@@ -416,7 +416,8 @@ class Agent:
             store.save_disk_list(uuid, {"disks": [e.to_json() for e in entries], "exclude": sorted(exclude)},
                                  "protect")
         rep = DomainReplicator(store=store, peer=self.peers[prot["peer"]], qmp=qmp, uuid=uuid, domain=prot["domain"],
-                               disks=disks, cycle_timeout=self.cfg.cycle_timeout, stall_after=self.cfg.stall_after,
+                               disks=disks, scratch=self.cfg.scratch,
+                               cycle_timeout=self.cfg.cycle_timeout, stall_after=self.cfg.stall_after,
                                speed_limit=self.cfg.speed_limit, tls=self._link_tls(prot["peer"]))
         p = Protected(uuid, prot["domain"], rep, qmp)
         if prot["generation"]:

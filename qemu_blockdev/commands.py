@@ -36,12 +36,14 @@ def _drop_none(args: Args) -> Args:
 # -- block nodes --------------------------------------------------------------
 
 def file_node(
-    node_name: str, filename: str, *, direct: bool = False, read_only: bool = False
+    node_name: str, filename: str, *, direct: bool = False, read_only: bool = False, no_flush: bool = False
 ) -> Args:
-    """A ``file`` protocol node; ``direct`` bypasses the host page cache."""
+    """A ``file`` protocol node; ``direct`` bypasses the host page cache;
+    ``no_flush`` ignores flushes (scratch data that never needs to be durable)."""
     args: Args = {"driver": "file", "node-name": owned(node_name), "filename": filename}
+    if direct or no_flush:
+        args["cache"] = {"direct": direct, "no-flush": no_flush}
     if direct:
-        args["cache"] = {"direct": True, "no-flush": False}
         args["aio"] = "native"
     if read_only:
         args["read-only"] = True

@@ -7,6 +7,15 @@ is one transaction per domain (so one instant across its disks)::
     block-dirty-bitmap-disable vs-g<N>     (frozen: exactly what to send)
     blockdev-backup sync=bitmap bitmap=vs-g<N> bitmap-mode=never → NBD segment
 
+An incremental disk's data does not cross the link while the guest waits on
+it: ``blockdev-backup`` writes to its target before a guest write may
+overwrite a not-yet-copied cluster (copy-before-write), so the cut's job goes
+to a local **stage** (a scratch qcow2 without backing, in ``scratch``) and
+finishes at local disk speed. A second job then ships the stage to the NBD
+segment, with a copy of the frozen bitmap on the stage node, while nothing of
+the guest's waits on it. (A full copy goes straight to the link: its stage
+would be the whole disk.)
+
 The frozen bitmap is removed only after the secondary has committed marker
 N+1. If the cycle fails, one more transaction merges ``vs-g<N+1>`` back into
 ``vs-g<N>``, re-enables it and removes ``vs-g<N+1>``: no write is ever
@@ -26,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -46,6 +56,7 @@ from ..domain import DiskSpec, PairState
 from ..errors import PluginError
 from ..peer import PeerClient
 from ..state import Store
+from .tools import run_tool
 
 log = logging.getLogger("virtsync.primary")
 ROLE = "primary"
@@ -83,7 +94,20 @@ def nbd_node_name(target: str) -> str:
 
 
 def job_name(target: str, seq: int) -> str:
+    """The job that moves a disk's data over the link (full copy or ship)."""
     return commands.owned(f"vs-cyc{seq}-{target}")
+
+
+def stage_node_name(target: str) -> str:
+    return commands.owned(f"vs-stage-{target}")
+
+
+def stage_job_name(target: str, seq: int) -> str:
+    """The cut's job of an incremental disk: dirty blocks into the local stage."""
+    return commands.owned(f"vs-stg{seq}-{target}")
+
+
+SHIP_BITMAP = "vs-ship"  # on the stage node: what the ship job sends
 
 
 async def resolve_nodes(qmp: QmpTransport, aliases: dict[str, str]) -> dict[str, tuple[str, int]]:
@@ -128,15 +152,17 @@ class DomainReplicator:
     """Runs cycles for one domain; owns nothing in QEMU but ``vs-`` names."""
 
     def __init__(self, *, store: Store, peer: PeerClient, qmp: QmpTransport, uuid: str, domain: str,
-                 disks: list[DiskSpec], cycle_timeout: float, stall_after: float, speed_limit: int = 0,
-                 tls: NbdTls | None = None) -> None:
-        """:param tls: TLS of the NBD link; None is plain NBD (``insecure_plain`` peers only)"""
+                 disks: list[DiskSpec], scratch: str, cycle_timeout: float, stall_after: float,
+                 speed_limit: int = 0, tls: NbdTls | None = None) -> None:
+        """:param scratch: directory of the stages (QEMU creates nothing there, it writes them)
+        :param tls: TLS of the NBD link; None is plain NBD (``insecure_plain`` peers only)"""
         self.store = store
         self.peer = peer
         self.qmp = qmp
         self.uuid = uuid
         self.domain = domain
         self.disks = disks
+        self.scratch = scratch
         self.cycle_timeout = cycle_timeout
         self.stall_after = stall_after
         self.speed_limit = speed_limit or None
@@ -145,6 +171,7 @@ class DomainReplicator:
         self.in_flight: CycleStats | None = None
         self.progress: dict[str, tuple[int, int]] = {}
         self.log = log.getChild(domain)
+        self._swept = False  # leftovers of an agent killed mid-cycle are removed before the first cycle
 
     @property
     def targets(self) -> list[str]:
@@ -163,6 +190,9 @@ class DomainReplicator:
         """
         info = await self.peer.call("info", {"uuid": self.uuid})
         last = int(info["last_marker"])
+        if not self._swept:
+            await self._remove_cycle_leftovers()
+            self._swept = True
         present = await self._bitmaps_present()
         for disk in self.disks:
             names = present.get(disk.node, set())
@@ -241,6 +271,8 @@ class DomainReplicator:
                 await nodes.blockdev_add(self.qmp, commands.nbd_node(
                     nbd_node_name(disk.target), str(target["exports"][disk.target]),
                     host=str(target["host"]), port=int(target["port"]), tls_creds=tls_creds))
+            staged = [d for d in self.disks if d.target not in full_disks]
+            await self._add_stages(staged)
             actions = []
             for disk in self.disks:
                 actions.append(commands.action("block-dirty-bitmap-add",
@@ -251,13 +283,14 @@ class DomainReplicator:
                 else:
                     actions.append(commands.action("block-dirty-bitmap-disable",
                                                    commands.bitmap_args(disk.node, gen_name(last))))
-                    backup = commands.backup_args(job_name(disk.target, seq), disk.node,
-                                                  nbd_node_name(disk.target), sync="bitmap",
-                                                  bitmap=gen_name(last), bitmap_mode="never",
-                                                  speed=self.speed_limit)
+                    backup = commands.backup_args(stage_job_name(disk.target, seq), disk.node,
+                                                  stage_node_name(disk.target), sync="bitmap",
+                                                  bitmap=gen_name(last), bitmap_mode="never")
                 actions.append(commands.action("blockdev-backup", backup))
-            job_ids = [job_name(d.target, seq) for d in self.disks]
-            with JobTracker(self.qmp, job_ids) as tracker:
+            with contextlib.ExitStack() as trackers:
+                sending = trackers.enter_context(JobTracker(self.qmp, [job_name(d.target, seq) for d in self.disks]))
+                staging = trackers.enter_context(JobTracker(self.qmp, [stage_job_name(d.target, seq)
+                                                                       for d in staged])) if staged else None
                 await self._cut(actions, before_cut, after_cut)
                 cut = True
                 stats.cut_time = time.time()
@@ -266,8 +299,12 @@ class DomainReplicator:
                         stats.bytes[disk.target] = disk.size
                     else:
                         stats.bytes[disk.target] = (await bitmaps.info(self.qmp, disk.node, gen_name(last))).count
-                await self._wait_jobs(tracker, stats, on_progress)
+                if staging is not None:
+                    await staging.wait_all_concluded(timeout=self.cycle_timeout)
+                    await self._ship(staged, last, seq)
+                await self._wait_jobs(sending, stats, on_progress)
             await self._remove_nbd_nodes()
+            await self._remove_stages()
             marker = await self.peer.call("commit_cycle", {
                 "uuid": self.uuid, "seq": seq, "cut_time": stats.cut_time, "bytes": stats.bytes,
                 "label": label, "apply": apply})
@@ -413,6 +450,59 @@ class DomainReplicator:
             self.tls.object_id, endpoint="client", dir=self.tls.dir, username=self.tls.username,
             priority=self.tls.priority))
 
+    def _stage_path(self, target: str) -> str:
+        return os.path.join(self.scratch, f"{self.uuid}-{target}.qcow2")
+
+    async def _add_stages(self, disks: list[DiskSpec]) -> None:
+        """A fresh, empty stage per disk: the size of the disk, no backing, flushes ignored
+        (its data is worth nothing once shipped, and is re-sent from the bitmap if lost)."""
+        if not disks:
+            return
+        os.makedirs(self.scratch, mode=0o700, exist_ok=True)
+        for disk in disks:
+            path = self._stage_path(disk.target)
+            await run_tool("qemu-img", "create", "-q", "-f", "qcow2", path, str(disk.size))
+            file_node = commands.file_node(f"{stage_node_name(disk.target)}-f", path, no_flush=True)
+            await nodes.blockdev_add(self.qmp, commands.qcow2_node(stage_node_name(disk.target), file_node,
+                                                                   backing=None))
+
+    async def _ship(self, staged: list[DiskSpec], last: int, seq: int) -> None:
+        """Send what the stages hold: the frozen bits, copied onto each stage node."""
+        actions = []
+        for disk in staged:
+            stage = stage_node_name(disk.target)
+            actions += [
+                commands.action("block-dirty-bitmap-add",
+                                commands.bitmap_add_args(stage, SHIP_BITMAP, persistent=False, disabled=True)),
+                commands.action("block-dirty-bitmap-merge", commands.bitmap_merge_args(
+                    stage, SHIP_BITMAP, [{"node": disk.node, "name": gen_name(last)}])),
+                commands.action("blockdev-backup", commands.backup_args(
+                    job_name(disk.target, seq), stage, nbd_node_name(disk.target), sync="bitmap",
+                    bitmap=SHIP_BITMAP, bitmap_mode="never", speed=self.speed_limit)),
+            ]
+        await nodes.transaction(self.qmp, actions, grouped=False)
+
+    async def _remove_stages(self) -> None:
+        for disk in self.disks:
+            await nodes.blockdev_del(self.qmp, stage_node_name(disk.target), missing_ok=True)
+            await nodes.blockdev_del(self.qmp, f"{stage_node_name(disk.target)}-f", missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._stage_path(disk.target))
+
+    async def _remove_cycle_leftovers(self) -> None:
+        """Jobs, stages and NBD nodes of a cycle whose agent was killed (QEMU kept them)."""
+        # The cycle in flight was generation + 1, or + 2 if its commit beat our state update.
+        seqs = (self._generation() + 1, self._generation() + 2)
+        ours = self._job_ids(seqs[0]) | self._job_ids(seqs[1])
+        for job in await nodes.query_jobs(self.qmp):
+            if job.job_id in ours:
+                with contextlib.suppress(QmpCommandError):
+                    await self.qmp.execute("block-job-cancel", {"device": job.job_id, "force": True})
+        for seq in seqs:
+            await self._wait_jobs_gone(seq, timeout=10)
+        await self._remove_nbd_nodes()
+        await self._remove_stages()
+
     async def _remove_nbd_nodes(self) -> None:
         """Drop the NBD nodes, then the TLS object they used."""
         for disk in self.disks:
@@ -424,12 +514,14 @@ class DomainReplicator:
         """Undo a failed cycle: cancel jobs, merge bits back, drop the segment."""
         with contextlib.suppress(BlockdevError):
             for job in await nodes.query_jobs(self.qmp):
-                if job.job_id in {job_name(d.target, seq) for d in self.disks}:
+                if job.job_id in self._job_ids(seq):
                     with contextlib.suppress(QmpCommandError):
                         await self.qmp.execute("block-job-cancel", {"device": job.job_id, "force": True})
             await self._wait_jobs_gone(seq)
         with contextlib.suppress(BlockdevError):
             await self._remove_nbd_nodes()
+        with contextlib.suppress(BlockdevError):
+            await self._remove_stages()
         if cut:
             with contextlib.suppress(BlockdevError):
                 for disk in self.disks:
@@ -440,8 +532,11 @@ class DomainReplicator:
             with contextlib.suppress(PluginError):
                 await self.peer.call("abort_cycle", {"uuid": self.uuid, "seq": seq}, timeout=5)
 
+    def _job_ids(self, seq: int) -> set[str]:
+        return {name(d.target, seq) for d in self.disks for name in (job_name, stage_job_name)}
+
     async def _wait_jobs_gone(self, seq: int, timeout: float = 30.0) -> None:
-        ids = {job_name(d.target, seq) for d in self.disks}
+        ids = self._job_ids(seq)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             jobs = [j for j in await nodes.query_jobs(self.qmp) if j.job_id in ids]
@@ -486,4 +581,5 @@ class DomainReplicator:
         for seq in range(self._generation(), self._generation() + 2):
             await self._wait_jobs_gone(seq, timeout=10)
         await self._remove_nbd_nodes()
+        await self._remove_stages()
         await self.drop_bitmaps(self.disks)

@@ -39,6 +39,7 @@ from ..errors import JournalCorruptError, JournalError, PluginError, StateConfli
 from ..faults import fault_point
 from ..state import Store
 from .journal import JournalDir, file_sha256, fsync_path, record_crc, verify_record, verify_segment
+from .tools import run_tool
 
 log = logging.getLogger("virtsync.secondary")
 ROLE = "secondary"
@@ -85,14 +86,6 @@ def check_target(value: object) -> str:
     if not isinstance(value, str) or not value.isascii() or not value.isalnum() or not 1 <= len(value) <= 16:
         raise PeerRequestError(f"not a disk target: {value!r:.40}")
     return value
-
-
-async def _run(*argv: str) -> None:
-    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE)
-    _, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise PluginError(f"{argv[0]} {argv[1]} failed: {err.decode(errors='replace').strip()[:300]}")
 
 
 class Secondary:
@@ -186,7 +179,7 @@ class Secondary:
             os.makedirs(journal.root, mode=0o700, exist_ok=True)
             for target, size in checked:
                 if not os.path.exists(journal.base(target)):
-                    await _run("qemu-img", "create", "-q", "-f", "qcow2", journal.base(target), str(size))
+                    await run_tool("qemu-img", "create", "-q", "-f", "qcow2", journal.base(target), str(size))
                 self.store.upsert_pair(uuid, ROLE, domain, target, primary, size, PairState.INITIAL_COPY)
             if self.store.protection(uuid, ROLE) is None:
                 self.store.add_protection(uuid, ROLE, domain, prot)
@@ -234,7 +227,7 @@ class Secondary:
                 else:
                     backing = journal.view(target, last.seq)
                     path = journal.segment(target, seq, partial=True)
-                    await _run("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+                    await run_tool("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
                                os.path.basename(backing), path, str(size))
                 cycle.disks[target] = (pair_id, path)
                 await nodes.blockdev_add(self.qmp, commands.file_node(f"vs-p{pair_id}-f", path))
@@ -420,7 +413,7 @@ class Secondary:
             written = {}
             for target, view in sorted(views.items()):
                 out = os.path.join(dest, f"{target}.qcow2")
-                await _run("qemu-img", "convert", "-U", "-f", "qcow2", "-O", "qcow2", view, out + ".partial")
+                await run_tool("qemu-img", "convert", "-U", "-f", "qcow2", "-O", "qcow2", view, out + ".partial")
                 fsync_path(out + ".partial")
                 os.replace(out + ".partial", out)
                 written[target] = out
@@ -499,11 +492,11 @@ class Secondary:
             later = sorted(s for t, s, partial, _ in journal.entries() if t == target and not partial and s > seq)
             nxt = journal.segment(target, later[0]) if later else ""
             if os.path.exists(seg):
-                await _run("qemu-img", "commit", "-q", "-d", "-f", "qcow2", seg)
+                await run_tool("qemu-img", "commit", "-q", "-d", "-f", "qcow2", seg)
                 fsync_path(journal.base(target))
                 fault_point("fold-after-commit")
                 if nxt and os.path.exists(nxt):
-                    await _run("qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b",
+                    await run_tool("qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b",
                                os.path.basename(journal.base(target)), nxt)
                     fsync_path(nxt)
                     self._refresh_segment_record(uuid, later[0], target, nxt)

@@ -99,7 +99,7 @@ def test_primary_tls_object_lives_with_the_nbd_nodes(tmp_path: Path) -> None:
     qmp.on("object-add")
     qmp.on("blockdev-del")
     rep = DomainReplicator(store=Store(str(tmp_path / "s.db")), peer=None, qmp=qmp,  # type: ignore[arg-type]
-                           uuid="u", domain="d", disks=[DiskSpec("vda", "/x", "qcow2", 1, "n0")],
+                           uuid="u", domain="d", disks=[DiskSpec("vda", "/x", "qcow2", 1, "n0")], scratch=str(tmp_path),
                            cycle_timeout=1, stall_after=1, tls=NbdTls("/etc/virtsync/keys/sec", "pri"))
 
     async def go() -> None:
