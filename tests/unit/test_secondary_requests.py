@@ -130,7 +130,7 @@ def fast_dir(tmp_path: Path) -> Iterator[Path]:
 @pytest.fixture
 def env(fast_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
     e = Env(fast_dir)
-    monkeypatch.setattr(secondary_mod, "_run", e.fake_qemu_img)
+    monkeypatch.setattr(secondary_mod, "run_tool", e.fake_qemu_img)
     yield e
     e.store.close()
 
