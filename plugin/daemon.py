@@ -28,8 +28,9 @@ from . import keys as keys_mod
 from .config import Config
 from .domain import DiskSpec, PairState, Protection
 from .errors import ConfigError, PluginError, StateConflictError
-from .replication.primary import CutRefusedError, CycleError, DomainReplicator, NbdTls, resolve_nodes
+from .replication.primary import CutRefusedError, CycleError, DomainReplicator, resolve_nodes
 from .replication.secondary import Secondary
+from .replication.shipper import NbdTls
 from .replication.storage_daemon import StorageDaemon
 from .requests import UsageError, arg
 from .state import Store
@@ -415,8 +416,9 @@ class Agent:
         if store.disk_list(uuid) is None:
             store.save_disk_list(uuid, {"disks": [e.to_json() for e in entries], "exclude": sorted(exclude)},
                                  "protect")
+        assert self.qsd.qmp is not None, "the storage daemon starts first"
         rep = DomainReplicator(store=store, peer=self.peers[prot["peer"]], qmp=qmp, uuid=uuid, domain=prot["domain"],
-                               disks=disks, scratch=self.cfg.scratch,
+                               disks=disks, scratch=self.cfg.scratch, shipper=self.qsd.qmp,
                                cycle_timeout=self.cfg.cycle_timeout, stall_after=self.cfg.stall_after,
                                speed_limit=self.cfg.speed_limit, tls=self._link_tls(prot["peer"]))
         p = Protected(uuid, prot["domain"], rep, qmp)

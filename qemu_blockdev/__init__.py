@@ -17,7 +17,7 @@ from .errors import (
     QmpCommandError,
     TransportError,
 )
-from .jobs import BlockJob, JobTracker
+from .jobs import BlockJob, JobTracker, cancel_jobs
 from .models import BitmapInfo, BlockNode, JobInfo
 from .transport import EventHub, EventListener, QmpEvent, QmpTransport, parse_reply
 
@@ -40,6 +40,7 @@ __all__ = [
     "QmpTransport",
     "TransportError",
     "bitmaps",
+    "cancel_jobs",
     "commands",
     "nodes",
     "owned",

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
 from . import commands
 from .errors import JobFailedError, JobTimeoutError, QmpCommandError
 from .models import JobInfo, parse_jobs
+from .nodes import query_jobs
 from .transport import EventListener, QmpEvent, QmpTransport
 
 JOB_EVENTS = ("JOB_STATUS_CHANGE",)
@@ -204,3 +205,24 @@ class BlockJob:
 
     async def dismiss(self) -> None:
         await self._exec("job-dismiss", commands.job_id_args(self.job_id))
+
+
+async def cancel_jobs(transport: QmpTransport, ours: Callable[[str], bool], *, timeout: float = 30.0) -> None:
+    """Cancel every job whose id ``ours`` accepts, and wait until QEMU has none of
+    them left (concluded ones are dismissed). Best effort within ``timeout``: a
+    job that will not go is left for the caller's next attempt."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    cancelled: set[str] = set()
+    while True:
+        jobs = [j for j in await query_jobs(transport) if ours(j.job_id)]
+        if not jobs or loop.time() > deadline:
+            return
+        for job in jobs:
+            with contextlib.suppress(QmpCommandError):
+                if job.status == "concluded":
+                    await transport.execute("job-dismiss", commands.job_id_args(job.job_id))
+                elif job.job_id not in cancelled:
+                    await transport.execute("block-job-cancel", {"device": job.job_id, "force": True})
+                    cancelled.add(job.job_id)
+        await asyncio.sleep(0.05)

@@ -11,10 +11,11 @@ An incremental disk's data does not cross the link while the guest waits on
 it: ``blockdev-backup`` writes to its target before a guest write may
 overwrite a not-yet-copied cluster (copy-before-write), so the cut's job goes
 to a local **stage** (a scratch qcow2 without backing, in ``scratch``) and
-finishes at local disk speed. A second job then ships the stage to the NBD
-segment, with a copy of the frozen bitmap on the stage node, while nothing of
-the guest's waits on it. (A full copy goes straight to the link: its stage
-would be the whole disk.)
+finishes at local disk speed. The stage is then closed with a persistent copy
+of the frozen bitmap in it, and this host's storage daemon ships it to the NBD
+segment (:mod:`.shipper`): the link's TLS and connection live outside the
+guest's QEMU. (A full copy goes straight to the link from the guest's QEMU:
+its stage would be the whole disk.)
 
 The frozen bitmap is removed only after the secondary has committed marker
 N+1. If the cycle fails, one more transaction merges ``vs-g<N+1>`` back into
@@ -45,8 +46,8 @@ from qemu_blockdev import (
     BlockdevError,
     JobTimeoutError,
     JobTracker,
-    QmpCommandError,
     bitmaps,
+    cancel_jobs,
     commands,
     nodes,
 )
@@ -56,6 +57,7 @@ from ..domain import DiskSpec, PairState
 from ..errors import PluginError
 from ..peer import PeerClient
 from ..state import Store
+from .shipper import SHIP_BITMAP, NbdTls, Shipper, add_tls_client
 from .tools import run_tool
 
 log = logging.getLogger("virtsync.primary")
@@ -73,16 +75,6 @@ class CutRefusedError(CycleError):
     Not a replication failure: the cycle was rolled back before anything was cut,
     and ``__cause__`` is the hook's own error.
     """
-
-
-@dataclass(frozen=True)
-class NbdTls:
-    """TLS of the NBD client nodes: QEMU reads ``dir/keys.psk`` (``username:key``)."""
-
-    dir: str
-    username: str
-    priority: str | None = None
-    object_id: str = "vs-tls-nbd"
 
 
 def gen_name(seq: int) -> str:
@@ -106,8 +98,6 @@ def stage_job_name(target: str, seq: int) -> str:
     """The cut's job of an incremental disk: dirty blocks into the local stage."""
     return commands.owned(f"vs-stg{seq}-{target}")
 
-
-SHIP_BITMAP = "vs-ship"  # on the stage node: what the ship job sends
 
 
 async def resolve_nodes(qmp: QmpTransport, aliases: dict[str, str]) -> dict[str, tuple[str, int]]:
@@ -152,9 +142,10 @@ class DomainReplicator:
     """Runs cycles for one domain; owns nothing in QEMU but ``vs-`` names."""
 
     def __init__(self, *, store: Store, peer: PeerClient, qmp: QmpTransport, uuid: str, domain: str,
-                 disks: list[DiskSpec], scratch: str, cycle_timeout: float, stall_after: float,
-                 speed_limit: int = 0, tls: NbdTls | None = None) -> None:
-        """:param scratch: directory of the stages (QEMU creates nothing there, it writes them)
+                 disks: list[DiskSpec], scratch: str, shipper: QmpTransport, cycle_timeout: float,
+                 stall_after: float, speed_limit: int = 0, tls: NbdTls | None = None) -> None:
+        """:param scratch: directory of the stages (the guest's QEMU writes them)
+        :param shipper: this host's storage daemon, which ships the stages
         :param tls: TLS of the NBD link; None is plain NBD (``insecure_plain`` peers only)"""
         self.store = store
         self.peer = peer
@@ -167,6 +158,7 @@ class DomainReplicator:
         self.stall_after = stall_after
         self.speed_limit = speed_limit or None
         self.tls = tls
+        self.shipper = Shipper(shipper, uuid, tls, self.speed_limit)
         self.last = CycleStats()
         self.in_flight: CycleStats | None = None
         self.progress: dict[str, tuple[int, int]] = {}
@@ -266,18 +258,20 @@ class DomainReplicator:
                                                          "targets": self.targets,
                                                          "sizes": {d.target: d.size for d in self.disks}})
             opened = True
-            tls_creds = await self._add_tls()
-            for disk in self.disks:
-                await nodes.blockdev_add(self.qmp, commands.nbd_node(
-                    nbd_node_name(disk.target), str(target["exports"][disk.target]),
-                    host=str(target["host"]), port=int(target["port"]), tls_creds=tls_creds))
+            full = [d for d in self.disks if d.target in full_disks]
             staged = [d for d in self.disks if d.target not in full_disks]
+            if full:
+                tls_creds = await add_tls_client(self.qmp, self.tls)
+                for disk in full:
+                    await nodes.blockdev_add(self.qmp, commands.nbd_node(
+                        nbd_node_name(disk.target), str(target["exports"][disk.target]),
+                        host=str(target["host"]), port=int(target["port"]), tls_creds=tls_creds))
             await self._add_stages(staged)
             actions = []
             for disk in self.disks:
                 actions.append(commands.action("block-dirty-bitmap-add",
                                                commands.bitmap_add_args(disk.node, gen_name(seq))))
-                if disk.target in full_disks:
+                if disk in full:
                     backup = commands.backup_args(job_name(disk.target, seq), disk.node, nbd_node_name(disk.target),
                                                   speed=self.speed_limit)
                 else:
@@ -287,22 +281,33 @@ class DomainReplicator:
                                                   stage_node_name(disk.target), sync="bitmap",
                                                   bitmap=gen_name(last), bitmap_mode="never")
                 actions.append(commands.action("blockdev-backup", backup))
+            # Each disk's data moves in one job: in the guest's QEMU (full) or the storage daemon (staged).
+            movers: dict[str, tuple[JobTracker, str]] = {}
             with contextlib.ExitStack() as trackers:
-                sending = trackers.enter_context(JobTracker(self.qmp, [job_name(d.target, seq) for d in self.disks]))
-                staging = trackers.enter_context(JobTracker(self.qmp, [stage_job_name(d.target, seq)
-                                                                       for d in staged])) if staged else None
+                if full:
+                    sending = trackers.enter_context(JobTracker(self.qmp, [job_name(d.target, seq) for d in full]))
+                    movers.update({d.target: (sending, job_name(d.target, seq)) for d in full})
+                if staged:
+                    staging = trackers.enter_context(JobTracker(self.qmp, [stage_job_name(d.target, seq)
+                                                                           for d in staged]))
+                    shipping = trackers.enter_context(JobTracker(self.shipper.qmp, [
+                        self.shipper.job_name(d.target, seq) for d in staged]))
+                    movers.update({d.target: (shipping, self.shipper.job_name(d.target, seq)) for d in staged})
                 await self._cut(actions, before_cut, after_cut)
                 cut = True
                 stats.cut_time = time.time()
                 for disk in self.disks:
-                    if disk.target in full_disks:
+                    if disk in full:
                         stats.bytes[disk.target] = disk.size
                     else:
                         stats.bytes[disk.target] = (await bitmaps.info(self.qmp, disk.node, gen_name(last))).count
-                if staging is not None:
+                if staged:
                     await staging.wait_all_concluded(timeout=self.cycle_timeout)
-                    await self._ship(staged, last, seq)
-                await self._wait_jobs(sending, stats, on_progress)
+                    await self._close_stages(staged, last)
+                    await self.shipper.start(seq, {d.target: self._stage_path(d.target) for d in staged},
+                                             {d.target: str(target["exports"][d.target]) for d in staged},
+                                             str(target["host"]), int(target["port"]))
+                await self._wait_jobs(movers, stats, on_progress)
             await self._remove_nbd_nodes()
             await self._remove_stages()
             marker = await self.peer.call("commit_cycle", {
@@ -402,23 +407,27 @@ class DomainReplicator:
                        " AND role = ? AND state != 'deleted'", (seq, self.uuid, ROLE))
         self.store.set_pair_state(self.uuid, ROLE, PairState.ACTIVE)
 
-    async def _wait_jobs(self, tracker: JobTracker, stats: CycleStats,
+    async def _wait_jobs(self, movers: dict[str, tuple[JobTracker, str]], stats: CycleStats,
                          on_progress: Callable[[dict[str, Any]], Awaitable[None]] | None) -> None:
-        """Wait for the cycle's jobs, reporting progress and flagging stalls."""
+        """Wait for the jobs moving each disk's data, reporting progress and flagging stalls."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cycle_timeout
         last_done, last_move = -1, loop.time()
         stalled = False
-        while True:
+        waiting = list(dict.fromkeys(tracker for tracker, _ in movers.values()))
+        while waiting:
             try:
-                await tracker.wait_all_concluded(timeout=1.0)
-                break
+                await waiting[0].wait_all_concluded(timeout=1.0 / len(waiting))
+                waiting.pop(0)
+                continue
             except JobTimeoutError:
-                pass
-            await tracker.poll()
+                waiting.append(waiting.pop(0))
+            for tracker in waiting:
+                await tracker.poll()
             done = total = 0
             for disk in self.disks:
-                cur, tot = tracker.progress(job_name(disk.target, stats.seq))
+                tracker, job = movers[disk.target]
+                cur, tot = tracker.progress(job)
                 self.progress[disk.target] = (cur, tot)
                 self.store.set_pair_progress(self.uuid, ROLE, disk.target, cur, tot)
                 done, total = done + cur, total + tot
@@ -440,16 +449,6 @@ class DomainReplicator:
     def _live_state(self, stats: CycleStats) -> PairState:
         return PairState.INITIAL_COPY if stats.kind == "full" else PairState.ACTIVE
 
-    async def _add_tls(self) -> str | None:
-        """Add the TLS client object for this cycle's NBD nodes (re-read keys.psk); its id."""
-        if self.tls is None:
-            return None
-        # One left behind by a killed agent would make object-add fail ("duplicate").
-        await nodes.object_del(self.qmp, self.tls.object_id, missing_ok=True)
-        return await nodes.object_add(self.qmp, commands.tls_creds_psk_args(
-            self.tls.object_id, endpoint="client", dir=self.tls.dir, username=self.tls.username,
-            priority=self.tls.priority))
-
     def _stage_path(self, target: str) -> str:
         return os.path.join(self.scratch, f"{self.uuid}-{target}.qcow2")
 
@@ -466,42 +465,40 @@ class DomainReplicator:
             await nodes.blockdev_add(self.qmp, commands.qcow2_node(stage_node_name(disk.target), file_node,
                                                                    backing=None))
 
-    async def _ship(self, staged: list[DiskSpec], last: int, seq: int) -> None:
-        """Send what the stages hold: the frozen bits, copied onto each stage node."""
+    async def _close_stages(self, staged: list[DiskSpec], last: int) -> None:
+        """Store in each stage a copy of the frozen bits it holds, and close it:
+        closing writes the bitmap into the file, for the storage daemon to open."""
         actions = []
         for disk in staged:
             stage = stage_node_name(disk.target)
             actions += [
                 commands.action("block-dirty-bitmap-add",
-                                commands.bitmap_add_args(stage, SHIP_BITMAP, persistent=False, disabled=True)),
+                                commands.bitmap_add_args(stage, SHIP_BITMAP, persistent=True, disabled=True)),
                 commands.action("block-dirty-bitmap-merge", commands.bitmap_merge_args(
                     stage, SHIP_BITMAP, [{"node": disk.node, "name": gen_name(last)}])),
-                commands.action("blockdev-backup", commands.backup_args(
-                    job_name(disk.target, seq), stage, nbd_node_name(disk.target), sync="bitmap",
-                    bitmap=SHIP_BITMAP, bitmap_mode="never", speed=self.speed_limit)),
             ]
         await nodes.transaction(self.qmp, actions, grouped=False)
+        for disk in staged:  # its file node was added inline: it goes with it
+            await nodes.blockdev_del(self.qmp, stage_node_name(disk.target))
 
     async def _remove_stages(self) -> None:
+        """Close the stages wherever they are open, and delete them."""
+        await self.shipper.close(self.targets)
         for disk in self.disks:
             await nodes.blockdev_del(self.qmp, stage_node_name(disk.target), missing_ok=True)
-            await nodes.blockdev_del(self.qmp, f"{stage_node_name(disk.target)}-f", missing_ok=True)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._stage_path(disk.target))
 
     async def _remove_cycle_leftovers(self) -> None:
         """Jobs, stages and NBD nodes of a cycle whose agent was killed (QEMU kept them)."""
-        # The cycle in flight was generation + 1, or + 2 if its commit beat our state update.
-        seqs = (self._generation() + 1, self._generation() + 2)
-        ours = self._job_ids(seqs[0]) | self._job_ids(seqs[1])
-        for job in await nodes.query_jobs(self.qmp):
-            if job.job_id in ours:
-                with contextlib.suppress(QmpCommandError):
-                    await self.qmp.execute("block-job-cancel", {"device": job.job_id, "force": True})
-        for seq in seqs:
-            await self._wait_jobs_gone(seq, timeout=10)
+        await cancel_jobs(self.qmp, self._is_cycle_job)
         await self._remove_nbd_nodes()
         await self._remove_stages()
+
+    def _is_cycle_job(self, job_id: str) -> bool:
+        """Our jobs in the guest's QEMU: the cut's and the full copies' (``vs-stg<N>-<target>``, ``vs-cyc…``)."""
+        return any(job_id.startswith(prefix) and job_id.rpartition("-")[2] in self.targets
+                   for prefix in ("vs-stg", "vs-cyc"))
 
     async def _remove_nbd_nodes(self) -> None:
         """Drop the NBD nodes, then the TLS object they used."""
@@ -513,11 +510,7 @@ class DomainReplicator:
     async def _rollback(self, seq: int, full_disks: set[str], opened: bool, cut: bool) -> None:
         """Undo a failed cycle: cancel jobs, merge bits back, drop the segment."""
         with contextlib.suppress(BlockdevError):
-            for job in await nodes.query_jobs(self.qmp):
-                if job.job_id in self._job_ids(seq):
-                    with contextlib.suppress(QmpCommandError):
-                        await self.qmp.execute("block-job-cancel", {"device": job.job_id, "force": True})
-            await self._wait_jobs_gone(seq)
+            await cancel_jobs(self.qmp, self._is_cycle_job)
         with contextlib.suppress(BlockdevError):
             await self._remove_nbd_nodes()
         with contextlib.suppress(BlockdevError):
@@ -531,22 +524,6 @@ class DomainReplicator:
         if opened:
             with contextlib.suppress(PluginError):
                 await self.peer.call("abort_cycle", {"uuid": self.uuid, "seq": seq}, timeout=5)
-
-    def _job_ids(self, seq: int) -> set[str]:
-        return {name(d.target, seq) for d in self.disks for name in (job_name, stage_job_name)}
-
-    async def _wait_jobs_gone(self, seq: int, timeout: float = 30.0) -> None:
-        ids = self._job_ids(seq)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            jobs = [j for j in await nodes.query_jobs(self.qmp) if j.job_id in ids]
-            for job in jobs:
-                if job.status == "concluded":
-                    with contextlib.suppress(QmpCommandError):
-                        await self.qmp.execute("job-dismiss", {"id": job.job_id})
-            if not jobs:
-                return
-            await asyncio.sleep(0.1)
 
     async def _rollback_bitmaps(self, disks: list[DiskSpec], seq: int) -> None:
         """Fold generation ``seq`` back into ``seq-1`` atomically, re-enable it."""
@@ -574,12 +551,7 @@ class DomainReplicator:
     async def remove_all(self) -> None:
         """Unprotect: cancel our jobs, drop our nodes and bitmaps in QEMU."""
         with contextlib.suppress(BlockdevError):
-            for job in await nodes.query_jobs(self.qmp):
-                if job.job_id.startswith("vs-"):
-                    with contextlib.suppress(QmpCommandError):
-                        await self.qmp.execute("block-job-cancel", {"device": job.job_id, "force": True})
-        for seq in range(self._generation(), self._generation() + 2):
-            await self._wait_jobs_gone(seq, timeout=10)
+            await cancel_jobs(self.qmp, self._is_cycle_job, timeout=10)
         await self._remove_nbd_nodes()
         await self._remove_stages()
         await self.drop_bitmaps(self.disks)

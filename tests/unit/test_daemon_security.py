@@ -89,7 +89,8 @@ def test_primary_tls_object_lives_with_the_nbd_nodes(tmp_path: Path) -> None:
     import asyncio
 
     from plugin.domain import DiskSpec
-    from plugin.replication.primary import DomainReplicator, NbdTls
+    from plugin.replication.primary import DomainReplicator
+    from plugin.replication.shipper import NbdTls, add_tls_client
     from plugin.state import Store
     from tests.fakes.fake_qmp import FakeQmp
 
@@ -99,11 +100,12 @@ def test_primary_tls_object_lives_with_the_nbd_nodes(tmp_path: Path) -> None:
     qmp.on("object-add")
     qmp.on("blockdev-del")
     rep = DomainReplicator(store=Store(str(tmp_path / "s.db")), peer=None, qmp=qmp,  # type: ignore[arg-type]
-                           uuid="u", domain="d", disks=[DiskSpec("vda", "/x", "qcow2", 1, "n0")], scratch=str(tmp_path),
+                           uuid="u", domain="d", disks=[DiskSpec("vda", "/x", "qcow2", 1, "n0")],
+                           scratch=str(tmp_path), shipper=qmp,
                            cycle_timeout=1, stall_after=1, tls=NbdTls("/etc/virtsync/keys/sec", "pri"))
 
     async def go() -> None:
-        assert await rep._add_tls() == "vs-tls-nbd"
+        assert await add_tls_client(qmp, rep.tls) == "vs-tls-nbd"
         await rep._remove_nbd_nodes()
 
     asyncio.run(go())

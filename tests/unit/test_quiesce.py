@@ -40,7 +40,7 @@ class FakePeer:
 def replicator(tmp_path: Path, qmp: FakeQmp, peer: FakePeer) -> DomainReplicator:
     return DomainReplicator(store=Store(str(tmp_path / "s.db")), peer=peer, qmp=qmp,  # type: ignore[arg-type]
                             uuid="u", domain="web01", disks=[DiskSpec("vda", "/x", "qcow2", 1 << 20, "n0")],
-                            scratch=str(tmp_path),
+                            scratch=str(tmp_path), shipper=qmp,
                             cycle_timeout=5, stall_after=5)
 
 
