@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--modes", default="", help="virtsync link modes to run, of tls,plain (default: both "
                    "when the agents have TLS; the first is the main one)")
     p.add_argument("--no-vnb", action="store_true", help="skip virtnbdbackup")
+    p.add_argument("--sec-on-disk", action="store_true",
+                   help="keep the secondary's replicas on the guest's disk (default: a tmpfs, as on a second host)")
     p.add_argument("--no-setup", action="store_true", help="do not run bench/setup.sh")
     p.add_argument("--agent-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="extra [replication] option for both agents (TOML value), e.g. speed_limit=0")
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.monotonic() - started:6.1f}s] {msg}", flush=True)
 
     lab = BenchLab(args.size_mib * MiB, agent_options=_agent_options(args.agent_opt), log=log,
-                   virt_type=args.guest_type)
+                   virt_type=args.guest_type, sec_in_ram=not args.sec_on_disk)
     modes = ["tls", "plain"] if lab_supports_tls() else ["plain"]
     if args.modes:
         modes = [m for m in args.modes.split(",") if m in modes]

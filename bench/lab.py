@@ -23,8 +23,10 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import sqlite3
 import subprocess
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -218,7 +220,9 @@ def child_pids(parent: int, comm: str) -> list[int]:
         if entry.isdigit():
             with contextlib.suppress(OSError, IndexError):
                 stat = Path(f"/proc/{entry}/stat").read_text()
-                if stat.split("(", 1)[1].rsplit(")", 1)[0] == comm and int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+                # comm is cut at 15 characters ("qemu-storage-da"): match a prefix
+                if stat.split("(", 1)[1].rsplit(")", 1)[0].startswith(comm) and \
+                        int(stat.rsplit(")", 1)[1].split()[1]) == parent:
                     out.append(int(entry))
     return out
 
@@ -282,8 +286,13 @@ class BenchLab:
     """Everything the benchmarks run against; :meth:`close` removes it all."""
 
     def __init__(self, size: int, *, agent_options: dict[str, Any] | None = None,
-                 log: Any = print, with_agents: bool = True, virt_type: str = "qemu") -> None:
+                 log: Any = print, with_agents: bool = True, virt_type: str = "qemu",
+                 sec_in_ram: bool = False) -> None:
+        """:param sec_in_ram: the secondary's replicas (and the convert targets) on a tmpfs:
+            the second site's disk is then not the guest's disk, as between two hosts"""
         self.size = size
+        self.sec_in_ram = sec_in_ram
+        self._ram_dir: Path | None = None
         self.with_agents = with_agents
         self.log = log
         self.agent_options = agent_options or {}
@@ -309,6 +318,8 @@ class BenchLab:
             h.launch()
         self.work = pri.root / "bench"
         self.work.mkdir()
+        if self.sec_in_ram:
+            self._ram_dir = Path(tempfile.mkdtemp(prefix="vs-bench-sec-", dir="/dev/shm"))
         t0 = time.monotonic()
         raw = self.work / "random.raw"
         make_random_raw(raw, self.size)
@@ -322,7 +333,8 @@ class BenchLab:
             h.wait_ready()
         if self.with_agents:
             self.agents = {"pri": LabAgent(pri, {"sec": sec}, **self.agent_options),
-                           "sec": LabAgent(sec, {"pri": pri}, **self.agent_options)}
+                           "sec": LabAgent(sec, {"pri": pri}, storage=self.sec_storage / "replicas",
+                                           **self.agent_options)}
             for a in self.agents.values():
                 a.start()
         for name, disk in ((VS_DOMAIN, "vs"), (VNB_DOMAIN, "vnb")):
@@ -345,6 +357,11 @@ class BenchLab:
             self.pri.virsh("undefine", name, check=False)
         raise RuntimeError(f"cannot start {name}")
 
+    @property
+    def sec_storage(self) -> Path:
+        """The second site's disk: replicas and convert targets."""
+        return self._ram_dir if self._ram_dir is not None else self.hosts[1].root
+
     def close(self) -> None:
         for g in self.guests.values():
             g.close()
@@ -354,6 +371,8 @@ class BenchLab:
         for h in reversed(self.hosts):
             with contextlib.suppress(Exception):
                 h.stop()
+        if self._ram_dir is not None:
+            shutil.rmtree(self._ram_dir, ignore_errors=True)
 
     def __enter__(self) -> BenchLab:
         return self

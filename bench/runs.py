@@ -37,6 +37,7 @@ from .lab import (
     Extent,
     GiB,
     MiB,
+    child_pids,
     children_cpu,
     covered_bytes,
     cpu_seconds,
@@ -243,7 +244,7 @@ class Bench:
         file node options), exported writable over NBD on the sec host; with
         ``tls`` both ends use a PSK like the agents' NBD link."""
         m = "tls" if tls else "plain"
-        work = self.lab.sec.root / "bench-convert"
+        work = self.lab.sec_storage / "bench-convert"
         work.mkdir(exist_ok=True)
         keys = work / "keys"
         if tls and not (keys / "keys.psk").exists():
@@ -400,6 +401,19 @@ class Bench:
         dt = time.monotonic() - t0
         return n * profile.block / MiB / dt
 
+    def _cpu_by_process(self) -> dict[str, float]:
+        """CPU seconds so far of each process on the writer's machine (both lab hosts share it)."""
+        out = {"guest QEMU": cpu_seconds(self.lab.qemu_pid(VS_DOMAIN)), "bench writer": cpu_seconds(os.getpid())}
+        for name, agent in self.lab.agents.items():
+            if agent.proc is not None:
+                out[f"{name} agent"] = cpu_seconds(agent.proc.pid)
+                out[f"{name} qsd"] = sum(cpu_seconds(p) for p in child_pids(agent.proc.pid, "qemu-storage-d"))
+        return out
+
+    def _cpu_window(self, before: dict[str, float], seconds: float) -> str:
+        after = self._cpu_by_process()
+        return ", ".join(f"{k} {(after[k] - v) / seconds:.2f}" for k, v in before.items() if k in after)
+
     def writes_warm_up(self) -> None:
         """One window per profile that counts for nothing: the first window after the
         lab starts ran ~30 % slower than the same window a minute later (cold caches)."""
@@ -412,7 +426,9 @@ class Bench:
         block: their mean is the baseline, so a load change during the block is shared."""
         out = {}
         for p in self.profiles:
+            cpu = self._cpu_by_process()
             out[p.name] = self.write_window(p, 0x60 + rep)
+            self.log(f"  CPU (cores) during the unprotected {p.name} window: {self._cpu_window(cpu, self.window)}")
             self._off.setdefault(p.name, []).append(out[p.name])
         self.log("  writer unprotected: " + ", ".join(f"{k} {v:.0f} MiB/s" for k, v in out.items()))
 
@@ -426,9 +442,11 @@ class Bench:
             self.pri.call("mark", domain=VS_DOMAIN, label="bench-sync", timeout=300)
             before = self._last_cycle_id()
             self.pri.call("resume", domain=VS_DOMAIN)
+            cpu = self._cpu_by_process()
             try:
                 rate = self.write_window(p, 0x70 + rep)
             finally:
+                self.log(f"  CPU (cores) during the protected {p.name} window: {self._cpu_window(cpu, self.window)}")
                 self.pri.call("suspend", domain=VS_DOMAIN, timeout=300)
             rows = [r for r in self.lab.cycles(200) if r["id"] > before]
             done = [r for r in rows if r["finished"] and not r["error"]]

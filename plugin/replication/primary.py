@@ -90,6 +90,11 @@ def job_name(target: str, seq: int) -> str:
     return commands.owned(f"vs-cyc{seq}-{target}")
 
 
+# Requests in flight of a stage job (QEMU's default is 64 of up to 1 MiB): a few
+# saturate the local disk already; more only queue the guest's own writes behind them.
+STAGE_WORKERS = 4
+
+
 def stage_node_name(target: str) -> str:
     return commands.owned(f"vs-stage-{target}")
 
@@ -279,7 +284,8 @@ class DomainReplicator:
                                                    commands.bitmap_args(disk.node, gen_name(last))))
                     backup = commands.backup_args(stage_job_name(disk.target, seq), disk.node,
                                                   stage_node_name(disk.target), sync="bitmap",
-                                                  bitmap=gen_name(last), bitmap_mode="never")
+                                                  bitmap=gen_name(last), bitmap_mode="never",
+                                                  max_workers=STAGE_WORKERS)
                 actions.append(commands.action("blockdev-backup", backup))
             # Each disk's data moves in one job: in the guest's QEMU (full) or the storage daemon (staged).
             movers: dict[str, tuple[JobTracker, str]] = {}

@@ -72,7 +72,9 @@ class Shipper:
         tls_creds = await add_tls_client(self.qmp, self.tls)
         actions = []
         for target, path in stages.items():
-            file_node = commands.file_node(f"{self._stage(target)}-f", path)
+            # no-flush: opening a qcow2 with a bitmap read-write marks it in use and flushes;
+            # an fdatasync of the stage would write it all to disk, under the guest's feet.
+            file_node = commands.file_node(f"{self._stage(target)}-f", path, no_flush=True)
             await nodes.blockdev_add(self.qmp, commands.qcow2_node(self._stage(target), file_node, backing=None))
             await nodes.blockdev_add(self.qmp, commands.nbd_node(self._nbd(target), exports[target], host=host,
                                                                  port=port, tls_creds=tls_creds))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
 from types import TracebackType
@@ -115,11 +116,14 @@ class LibvirtQmpTransport:
         if arguments is not None:
             message["arguments"] = dict(arguments)
         wire = json.dumps(message)
+        started = time.monotonic()
         try:
             # Looked up at call time so tests can monkeypatch the module.
             raw = await asyncio.to_thread(libvirt_qemu.qemuMonitorCommand, self._domain, wire, 0)
         except libvirt.libvirtError as e:
             raise TransportError(f"{command}: {e.get_error_message() or e}") from e
+        finally:
+            _log.debug("%s: %.1f ms", command, (time.monotonic() - started) * 1000)
         try:
             reply = json.loads(raw)
         except (TypeError, ValueError) as e:

@@ -32,9 +32,12 @@ class LabAgent:
     """One agent; its state and replicas live under the host's root dir."""
 
     def __init__(self, host: LabHost, peers: dict[str, LabHost], journal: dict[str, Any] | None = None,
-                 agent: dict[str, Any] | None = None, tls: bool = True, **replication: Any) -> None:
+                 agent: dict[str, Any] | None = None, tls: bool = True, storage: str | Path | None = None,
+                 **replication: Any) -> None:
+        """:param storage: where replicas live (default: under the host's root)"""
         self.host = host
         self.dir = Path(host.root) / "virtsync"
+        self._storage = Path(storage) if storage is not None else self.dir / "replicas"
         self.dir.mkdir(mode=0o700, exist_ok=True)
         self.socket = str(self.dir / "agent.sock")
         self.config = self.dir / "virtsync.toml"
@@ -97,7 +100,7 @@ class LabAgent:
 
     @property
     def storage(self) -> Path:
-        return self.dir / "replicas"
+        return self._storage
 
     def start(self, timeout: float = 20.0, fault: str | None = None) -> None:
         """Start the agent; ``fault`` names a crash point (plugin/faults.py)."""
