@@ -143,7 +143,8 @@ def test_link_cut_mid_cycle(site: Site, guest: WritingGuest, capsys: pytest.Capt
     history = cycles(site.pri)
     with capsys.disabled():
         print(f"\ninitial copy: {json.dumps(seen['stalled'][0]['reason'])}; marker 1 came "
-              f"{seen['marker_after_restore']:.1f}s after the link; cycles {history}")
+              f"{seen['marker_after_restore']:.1f}s after the link; the guest wrote {seen['guest_writes']} blocks "
+              f"while it was down (copy-before-write to the link); cycles {history}")
     done = [c for c in history if c["error"] is None]
     assert [(c["seq"], c["kind"]) for c in done] == [(1, "full")], history
     assert all(c["kind"] == "full" and c["seq"] == 1 for c in history), "exactly one full copy, never restarted"
