@@ -5,7 +5,7 @@ is one transaction per domain (so one instant across its disks)::
 
     block-dirty-bitmap-add     vs-g<N+1>   (persistent, starts recording)
     block-dirty-bitmap-disable vs-g<N>     (frozen: exactly what to send)
-    blockdev-backup sync=bitmap bitmap=vs-g<N> bitmap-mode=never → NBD segment
+    blockdev-backup sync=bitmap bitmap=vs-g<N> bitmap-mode=never → local stage
 
 An incremental disk's data does not cross the link while the guest waits on
 it: ``blockdev-backup`` writes to its target before a guest write may
@@ -102,7 +102,6 @@ def stage_node_name(target: str) -> str:
 def stage_job_name(target: str, seq: int) -> str:
     """The cut's job of an incremental disk: dirty blocks into the local stage."""
     return commands.owned(f"vs-stg{seq}-{target}")
-
 
 
 async def resolve_nodes(qmp: QmpTransport, aliases: dict[str, str]) -> dict[str, tuple[str, int]]:
