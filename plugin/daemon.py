@@ -156,6 +156,7 @@ class Agent:
         self._events: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self._event_ids: list[int] = []
         self._tracker_task: asyncio.Task[None] | None = None
+        self._delay_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -174,6 +175,8 @@ class Agent:
         self.conn = await open_connection(self.cfg.libvirt_uri)
         self._event_ids = events.register(self.conn, self._events)
         self._tracker_task = asyncio.create_task(self._tracker_loop(), name="vs-tracker")
+        if self.cfg.apply_delay > 0:
+            self._delay_task = asyncio.create_task(self._apply_delayed_loop(), name="vs-apply-delay")
         for prot in self.store.protections(PRIMARY):
             try:
                 await self._supervise(prot["domain_uuid"])
@@ -254,10 +257,11 @@ class Agent:
         self._lock_fd = fd
 
     async def stop(self) -> None:
-        if self._tracker_task is not None:
-            self._tracker_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._tracker_task
+        for task in (self._tracker_task, self._delay_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.conn is not None:
             events.deregister(self.conn, self._event_ids)
         for p in list(self.protected.values()):
@@ -508,6 +512,17 @@ class Agent:
             store.save_disk_list(uuid, {"disks": [e.to_json() for e in entries], "exclude": sorted(exclude)}, reason)
         p.wake.set()  # let the changed disk set take part in a cut soon
         return done
+
+    async def _apply_delayed_loop(self) -> None:
+        """Markers held back by ``[journal] apply_delay`` are applied when due, not
+        only when the next cycle commits (after a disaster there is none)."""
+        assert self.secondary is not None
+        while True:
+            await asyncio.sleep(min(max(self.cfg.apply_delay / 4, 0.5), 30.0))
+            try:
+                await self.secondary.reflect_due()
+            except PluginError as e:
+                log.warning("applying delayed markers: %s", e)
 
     async def _tracker_loop(self) -> None:
         """Events and hook calls queue (uuid, reason); a timer re-reads all

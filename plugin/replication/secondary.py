@@ -425,6 +425,16 @@ class Secondary:
 
     # -- the reflecting unit ------------------------------------------------------
 
+    async def reflect_due(self) -> None:
+        """Apply markers whose ``apply_delay`` has passed, without waiting for the
+        next cycle (which may never come: the primary may be gone)."""
+        for prot in self.store.protections(ROLE):
+            uuid = prot["domain_uuid"]
+            last = self.store.last_marker(uuid)
+            if last is not None and int(prot["applied"]) < last.seq and not prot["held"]:
+                async with self._lock(uuid):
+                    await self._reflect(uuid)
+
     async def _reflect(self, uuid: str, until: int | None = None, just_sealed: int = 0) -> None:
         """Move the replica forward over verified markers, then apply retention.
         Called with the domain's lock held. ``just_sealed`` is a marker whose

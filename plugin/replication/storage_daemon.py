@@ -22,14 +22,17 @@ from ..errors import PluginError
 log = logging.getLogger("virtsync.qsd")
 
 
-def _die_with_parent() -> None:
+def _prepare_child() -> None:
     """Runs in the child: the daemon ends when the agent does, even by SIGKILL,
-    so a restarted agent finds its NBD address free."""
+    so a restarted agent finds its NBD address free; and it yields the CPU to
+    guests (it moves replication data, which can wait a moment; a guest cannot)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    os.nice(NICE)
 
 
 PR_SET_PDEATHSIG = 1
+NICE = 10
 TLS_OBJECT = "vs-tls-server"
 
 
@@ -68,7 +71,7 @@ class StorageDaemon:
             self._proc = await asyncio.create_subprocess_exec(
                 binary, "--chardev", f"socket,id=vs-mon,path={self.qmp_path},server=on,wait=off",
                 "--monitor", "chardev=vs-mon", stdin=asyncio.subprocess.DEVNULL, stdout=log_file,
-                stderr=log_file, preexec_fn=_die_with_parent)
+                stderr=log_file, preexec_fn=_prepare_child)
         finally:
             log_file.close()
         self.qmp = QmpSocketTransport(self.qmp_path, name="vs-qsd")

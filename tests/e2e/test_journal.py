@@ -217,3 +217,32 @@ def agent_rows_audit(agent: LabAgent) -> set[str]:
         return {r[0] for r in db.execute("SELECT event FROM audit")}
     finally:
         db.close()
+
+
+APPLY_DELAY = 3.0
+
+
+def test_apply_delay_holds_a_marker_back_then_applies_it_on_time(lab_pair: LabPair, tmp_path: Path) -> None:
+    """``[journal] apply_delay``: a marker reaches the replica once it is that old,
+    without another cycle to carry it (after a disaster there is none)."""
+    start_writing_guest(lab_pair.pri, GUEST, DISKS, BLOCKS, size="8M")
+    with open_site(lab_pair, journal={"apply_delay": APPLY_DELAY}) as s:
+        s.domains.append(GUEST)
+        pri, sec = s.pri, s.sec
+        pri.call("protect", domain=GUEST, to="sec", rpo=3600, wait=True)
+        time.sleep(0.3)
+        seq = pri.call("mark", domain=GUEST)["seq"]
+        info = sec.call("markers", domain=GUEST)
+        cut_time = info["markers"][-1]["cut_time"]
+        assert info["markers"][-1]["seq"] == seq
+        if time.time() - cut_time < APPLY_DELAY - 0.5:   # asked well inside the delay
+            assert info["applied"] < seq, "applied before its delay had passed"
+        cut = restore_cut(sec, seq, tmp_path)
+        deadline = time.time() + APPLY_DELAY + 15
+        while sec.call("markers", domain=GUEST)["applied"] < seq:
+            assert time.time() < deadline, f"marker {seq} not applied {APPLY_DELAY + 15:g}s after its cut"
+            time.sleep(0.2)
+        applied_at = time.time()
+        assert applied_at - cut_time >= APPLY_DELAY - 0.05, "applied before its delay had passed"
+        assert replica_cut(sec) == (seq, cut)
+        assert sec.call("markers", domain=GUEST)["markers"][-1]["seq"] == seq, "no later cycle carried it"
