@@ -165,6 +165,13 @@ def render(bench: Bench, lab: BenchLab, args: argparse.Namespace, facts: dict[st
         "",
         "## What each number means",
         "",
+        ("Both lab hosts share this machine's CPUs; the secondary's replicas (and the convert targets) "
+         "live on a tmpfs, so that the second site's writes and fsyncs do not land on the guest's own "
+         "disk as they would not between two hosts."
+         if lab.sec_in_ram else
+         "Both lab hosts share this machine's CPUs and its disk (`--sec-on-disk`): the second site's "
+         "writes and fsyncs land on the guest's own disk."),
+        "",
         f"Disks: {size} qcow2 (64 KiB clusters) filled with random data (incompressible, every cluster "
         "allocated; the first 64 KiB a boot sector that halts the vCPU, then a 0x5a pattern).",
         "",
@@ -208,8 +215,11 @@ def render(bench: Bench, lab: BenchLab, args: argparse.Namespace, facts: dict[st
         "agent's own scheduler runs cycles back to back (rpo 2 s → a cycle every second after the previous "
         "ends) while the writer writes. Profiles: "
         + "; ".join(f"`{p.name}` = {p.describe()}" for p in bench.profiles)
-        + ". The ratio is throughput protected / unprotected. `hot` rewrites what the running cycle is "
-        "still copying (worst case for copy-before-write); `scattered` rarely does. A Linux guest with fio "
+        + ". The ratio is throughput protected / unprotected; the first repetition starts with one "
+        "uncounted warm-up window per profile. `hot` rewrites what the running cycle is still copying "
+        "(the worst case for copy-before-write, which now copies into the local stage); `scattered` "
+        "spreads the dirty set over the whole disk, so every cycle stages and ships most of what the "
+        "writer wrote. The log of the run gives each window's CPU per process. A Linux guest with fio "
         "is not used: it does not boot under KVM here, and under TCG its own CPU would be the bottleneck "
         "on these 2 cores (LAB.md).",
         "4. **Idle cycle.** `mark` on a disk nobody writes: *cycle record* = the agent's "
