@@ -421,8 +421,9 @@ class Agent:
             store.save_disk_list(uuid, {"disks": [e.to_json() for e in entries], "exclude": sorted(exclude)},
                                  "protect")
         assert self.qsd.qmp is not None, "the storage daemon starts first"
+        owner = domains.qemu_owner(await domains.live_xml(dom))
         rep = DomainReplicator(store=store, peer=self.peers[prot["peer"]], qmp=qmp, uuid=uuid, domain=prot["domain"],
-                               disks=disks, scratch=self.cfg.scratch, shipper=self.qsd.qmp,
+                               disks=disks, scratch=self.cfg.scratch, stage_owner=owner, shipper=self.qsd.qmp,
                                cycle_timeout=self.cfg.cycle_timeout, stall_after=self.cfg.stall_after,
                                speed_limit=self.cfg.speed_limit, tls=self._link_tls(prot["peer"]))
         p = Protected(uuid, prot["domain"], rep, qmp)

@@ -147,8 +147,10 @@ class DomainReplicator:
 
     def __init__(self, *, store: Store, peer: PeerClient, qmp: QmpTransport, uuid: str, domain: str,
                  disks: list[DiskSpec], scratch: str, shipper: QmpTransport, cycle_timeout: float,
-                 stall_after: float, speed_limit: int = 0, tls: NbdTls | None = None) -> None:
+                 stall_after: float, speed_limit: int = 0, tls: NbdTls | None = None,
+                 stage_owner: tuple[int, int] | None = None) -> None:
         """:param scratch: directory of the stages (the guest's QEMU writes them)
+        :param stage_owner: uid and gid of the guest's QEMU, when it is not ours: its stages are its own
         :param shipper: this host's storage daemon, which ships the stages
         :param tls: TLS of the NBD link; None is plain NBD (``insecure_plain`` peers only)"""
         self.store = store
@@ -158,6 +160,7 @@ class DomainReplicator:
         self.domain = domain
         self.disks = disks
         self.scratch = scratch
+        self.stage_owner = stage_owner
         self.cycle_timeout = cycle_timeout
         self.stall_after = stall_after
         self.speed_limit = speed_limit or None
@@ -463,9 +466,14 @@ class DomainReplicator:
         if not disks:
             return
         os.makedirs(self.scratch, mode=0o700, exist_ok=True)
+        if self.stage_owner is not None:
+            os.chmod(self.scratch, 0o711)  # QEMU may reach its own stage, nobody may list them
         for disk in disks:
             path = self._stage_path(disk.target)
             await run_tool("qemu-img", "create", "-q", "-f", "qcow2", path, str(disk.size))
+            os.chmod(path, 0o600)  # the guest's data
+            if self.stage_owner is not None:
+                os.chown(path, *self.stage_owner)
             file_node = commands.file_node(f"{stage_node_name(disk.target)}-f", path, no_flush=True)
             await nodes.blockdev_add(self.qmp, commands.qcow2_node(stage_node_name(disk.target), file_node,
                                                                    backing=None))

@@ -83,6 +83,24 @@ def parse_exclude(xml: str) -> set[str]:
     return {t.strip() for t in el.get("exclude", "").split(",") if t.strip()}
 
 
+def qemu_owner(xml: str) -> tuple[int, int] | None:
+    """The uid and gid the domain's QEMU runs as, from the live XML's DAC label
+    (``<seclabel model='dac'><label>+64055:+64055</label>``); None when libvirt
+    reports none (QEMU runs as the daemon's own user) or it is not numeric."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    for seclabel in root.findall("./seclabel"):
+        label = seclabel.find("label")
+        if seclabel.get("model") != "dac" or label is None or not label.text:
+            continue
+        user, _, group = label.text.strip().partition(":")
+        if user.startswith("+") and group.startswith("+") and user[1:].isdigit() and group[1:].isdigit():
+            return int(user[1:]), int(group[1:])
+    return None
+
+
 def protection_xml(prot: Protection) -> str:
     return (f'<protection segment="{_attr(prot.segment)}" rpo="{prot.rpo}" peer="{_attr(prot.peer)}" '
             f'mode="{prot.mode}"/>')

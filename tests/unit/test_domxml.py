@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from plugin.tracker import DiskEntry, exclusion
+from plugin.virt import domains
 from plugin.virt.domains import DomainXmlError, parse_disks, parse_exclude
 
 GOOD = """<domain type='kvm' xmlns:vs='urn:x-virtsync:protection:1'>
@@ -55,3 +56,24 @@ def test_bad_xml_is_a_clear_error(xml: str, message: str) -> None:
 def test_no_metadata_means_nothing_excluded() -> None:
     assert parse_exclude("<domain><devices/></domain>") == set()
     assert parse_exclude("<<<") == set()
+
+
+# -- the user QEMU runs as (its stages must be its own) ------------------------------
+
+def _with_seclabels(labels: str) -> str:
+    return f"<domain type='kvm'><name>web01</name>{labels}</domain>"
+
+
+def test_qemu_owner_from_the_dac_label() -> None:
+    xml = _with_seclabels("<seclabel type='dynamic' model='apparmor' relabel='yes'><label>libvirt-x</label>"
+                          "</seclabel><seclabel type='dynamic' model='dac' relabel='yes'>"
+                          "<label>+64055:+994</label><imagelabel>+64055:+994</imagelabel></seclabel>")
+    assert domains.qemu_owner(xml) == (64055, 994)
+
+
+def test_qemu_owner_none_without_a_numeric_dac_label() -> None:
+    assert domains.qemu_owner(_with_seclabels("")) is None                    # security_driver = "none"
+    assert domains.qemu_owner(_with_seclabels("<seclabel type='dynamic' model='dac'><label>qemu:kvm</label>"
+                                              "</seclabel>")) is None
+    assert domains.qemu_owner(_with_seclabels("<seclabel model='dac'/>")) is None
+    assert domains.qemu_owner("<domain") is None

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
 import uuid as uuidlib
+from pathlib import Path
+
+import pytest
 
 from plugin.replication.shipper import SHIP_BITMAP, NbdTls, Shipper
 from tests.fakes.fake_qmp import FakeQmp
@@ -63,3 +68,25 @@ def test_close_removes_nodes_and_tls_object() -> None:
     deleted = [args["node-name"] for command, args in qmp.sent if command == "blockdev-del"]
     assert deleted == [f"vs-n{shipper.tag}-vda", f"vs-s{shipper.tag}-vda"]
     assert qmp.sent[-1] == ("object-del", {"id": f"vs-tls-{shipper.tag}"})
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_stages_belong_to_the_guests_qemu(tmp_path: Path) -> None:
+    """QEMU running as another user (libvirt's DAC label) can write its stages, nobody else can read them."""
+    from plugin.domain import DiskSpec
+    from plugin.replication.primary import DomainReplicator
+    from plugin.state import Store
+
+    qmp = FakeQmp()
+    qmp.on("blockdev-add")
+    scratch = tmp_path / "scratch"
+    nobody = (65534, 65534)
+    rep = DomainReplicator(store=Store(str(tmp_path / "s.db")), peer=None, qmp=qmp,  # type: ignore[arg-type]
+                           uuid="u", domain="d", disks=[], scratch=str(scratch), shipper=qmp,
+                           cycle_timeout=1, stall_after=1, stage_owner=nobody)
+    asyncio.run(rep._add_stages([DiskSpec("vda", "/x", "qcow2", 1 << 20, "n0")]))
+    (stage,) = scratch.iterdir()
+    st = stage.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (*nobody, 0o600)
+    assert stat.S_IMODE(scratch.stat().st_mode) == 0o711, "reachable by QEMU, listable by nobody"
+    assert qmp.sent[0][1]["file"]["filename"] == str(stage)
