@@ -101,9 +101,10 @@ def qemu_owner(xml: str) -> tuple[int, int] | None:
     return None
 
 
-def protection_xml(prot: Protection) -> str:
+def protection_xml(prot: Protection, exclude: set[str] | frozenset[str] = frozenset()) -> str:
+    excluded = f' exclude="{_attr(",".join(sorted(exclude)))}"' if exclude else ""
     return (f'<protection segment="{_attr(prot.segment)}" rpo="{prot.rpo}" peer="{_attr(prot.peer)}" '
-            f'mode="{prot.mode}"/>')
+            f'mode="{prot.mode}"{excluded}/>')
 
 
 def _attr(value: str) -> str:
@@ -143,11 +144,14 @@ async def is_running(dom: libvirt.virDomain) -> bool:
 
 
 async def set_protection(dom: libvirt.virDomain, prot: Protection | None) -> None:
-    """Write (or with None remove) ``<vs:protection>`` in the live and persistent XML."""
+    """Write (or with None remove) ``<vs:protection>`` in the live and persistent XML.
+
+    The administrator's ``exclude`` list is the administrator's: it is kept.
+    """
     flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
     if await asyncio.to_thread(dom.isPersistent):
         flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
-    xml = protection_xml(prot) if prot is not None else None
+    xml = protection_xml(prot, parse_exclude(await live_xml(dom))) if prot is not None else None
     key = METADATA_KEY if prot is not None else None
     try:
         await asyncio.to_thread(dom.setMetadata, libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml, key, METADATA_NS,

@@ -4,6 +4,7 @@ stays right (checked by bytes)."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from plugin.virt import domains
 from tests.lab import stamps
 from tests.lab.agent import LabAgent
 from tests.lab.fixtures import LabPair
@@ -95,4 +97,63 @@ def test_attach_detach_and_swap_while_agent_down(site: dict[str, Any]) -> None:
     first = next(m for m in sec.call("markers", domain=GUEST)["markers"] if m["seq"] > before)
     assert first["bytes"]["vdb"] == 8 << 20  # full copy of the new source: no stale bits trusted
     assert first["bytes"]["vda"] < 8 << 20   # the other disk goes on incrementally
+    check_guest_disks(sec)
+
+
+def test_disk_grown_under_a_writing_guest_grows_its_replica(site: dict[str, Any]) -> None:
+    """``virsh blockresize``: the tracker sees it, the next marker carries the disk at its
+    new size, and data written past the old end reaches the replica."""
+    pri, sec, host = site["pri"], site["sec"], site["hosts"].pri
+    pri.call("protect", domain=GUEST, to="sec", rpo=3600, wait=True)
+    host.virsh("blockresize", GUEST, "vdb", "12M")
+    wait_change(pri, "resized", "vdb")
+    alias = next(d.alias for d in domains.parse_disks(host.virsh("dumpxml", GUEST)) if d.target == "vdb")
+    # Past the old 8 MiB end, outside the guest's stamped blocks: as a guest write, through its device.
+    host.virsh("qemu-monitor-command", GUEST, "--hmp",
+               f'qemu-io -d /machine/peripheral/{alias}/virtio-backend "write -P 0x77 9M 64k"')
+    marker = pri.call("mark", domain=GUEST)
+    assert marker["bytes"]["vdb"] < 8 << 20, "grown, not re-copied"
+    view = replica(sec)["vdb"]
+    info = json.loads(run(["qemu-img", "info", "-U", "--output=json", view]))
+    assert info["virtual-size"] == 12 << 20
+    out = run(["qemu-io", "-r", "-U", "-f", "qcow2", "-c", "read -P 0x77 9M 64k", "-c", "read -P 0 10M 2M", view])
+    assert "Pattern verification failed" not in out, out
+    # Zeroed again (the oracle wants zeros beyond the stamped blocks): zeros replicate too.
+    host.virsh("qemu-monitor-command", GUEST, "--hmp",
+               f'qemu-io -d /machine/peripheral/{alias}/virtio-backend "write -z 9M 64k"')
+    pri.call("mark", domain=GUEST)
+    check_guest_disks(sec)
+
+
+def test_excluded_disk_stays_out_until_the_exclusion_is_lifted(site: dict[str, Any]) -> None:
+    """``<vs:protection exclude="vdc">``, set by the administrator before protecting:
+    protect keeps it, no pair and no byte for vdc; lifted later, vdc joins with a
+    full copy of that disk only."""
+    pri, sec, host = site["pri"], site["sec"], site["hosts"].pri
+    extra = str(site["disk_dir"] / "scratch-disk.qcow2")
+    run(["qemu-img", "create", "-q", "-f", "qcow2", extra, "4M"])
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x6d 1M 256k", extra])
+    host.virsh("attach-disk", GUEST, extra, "vdc", "--driver", "qemu", "--subdriver", "qcow2",
+               "--targetbus", "virtio", "--live")
+    host.virsh("metadata", GUEST, domains.METADATA_NS, "--key", domains.METADATA_KEY, "--live",
+               "--set", '<protection exclude="vdc"/>')
+
+    pri.call("protect", domain=GUEST, to="sec", rpo=3600, wait=True)
+    assert [p["target"] for p in pri.call("pairs", domain=GUEST)["pairs"]] == ["vda", "vdb"]
+    assert domains.parse_exclude(host.virsh("dumpxml", GUEST)) == {"vdc"}, "protect kept the exclusion"
+    time.sleep(2 * 2.0 + 1)  # two tracker timer rounds
+    assert not [c for c in pri.call("tracker", domain=GUEST)["changes"] if c["target"] == "vdc"]
+    marker = pri.call("mark", domain=GUEST)
+    assert set(marker["bytes"]) == {"vda", "vdb"}
+    assert set(replica(sec)) == {"vda", "vdb"}
+    check_guest_disks(sec)
+
+    # Lifted: the administrator writes the element back without the attribute.
+    current = host.virsh("metadata", GUEST, domains.METADATA_NS, "--live")
+    host.virsh("metadata", GUEST, domains.METADATA_NS, "--key", domains.METADATA_KEY, "--live",
+               "--set", current.replace(' exclude="vdc"', ""))
+    wait_change(pri, "added", "vdc")
+    marker = pri.call("mark", domain=GUEST)
+    assert marker["bytes"]["vdc"] == 4 << 20 and marker["bytes"]["vda"] < 8 << 20
+    assert "Images are identical" in run(["qemu-img", "compare", "-U", extra, replica(sec)["vdc"]])
     check_guest_disks(sec)

@@ -77,3 +77,14 @@ def test_qemu_owner_none_without_a_numeric_dac_label() -> None:
                                               "</seclabel>")) is None
     assert domains.qemu_owner(_with_seclabels("<seclabel model='dac'/>")) is None
     assert domains.qemu_owner("<domain") is None
+
+
+def test_protection_xml_keeps_the_administrators_exclude_list() -> None:
+    from plugin.domain import Protection
+
+    prot = Protection(peer="dr1", rpo=60, segment="billing", mode="async")
+    xml = domains.protection_xml(prot, {"vdc", "vdb"})
+    wrapped = f"<domain><metadata><vs:protection xmlns:vs='{domains.METADATA_NS}' {xml[len('<protection '):]}" \
+              "</metadata></domain>"
+    assert domains.parse_exclude(wrapped) == {"vdb", "vdc"}
+    assert "exclude" not in domains.protection_xml(prot)
