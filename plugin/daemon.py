@@ -416,10 +416,14 @@ class Agent:
         qmp = LibvirtQmpTransport(dom)
         await qmp.connect()
         entries, specs, exclude = await self._current_disks(dom, qmp)
-        disks = [specs[t] for t in sorted(specs)]
+        # Cycles start with the disks that have pairs; any other disk (attached, or
+        # no longer excluded, since protect read the list) is the tracker's to add,
+        # below: it prepares the replica first.
+        paired = {pair.target for pair in store.pairs(PRIMARY, uuid)}
+        disks = [specs[t] for t in sorted(specs) if t in paired]
         if store.disk_list(uuid) is None:
-            store.save_disk_list(uuid, {"disks": [e.to_json() for e in entries], "exclude": sorted(exclude)},
-                                 "protect")
+            store.save_disk_list(uuid, {"disks": [e.to_json() for e in entries if e.target in paired],
+                                        "exclude": sorted(exclude)}, "protect")
         assert self.qsd.qmp is not None, "the storage daemon starts first"
         owner = domains.qemu_owner(await domains.live_xml(dom))
         rep = DomainReplicator(store=store, peer=self.peers[prot["peer"]], qmp=qmp, uuid=uuid, domain=prot["domain"],
