@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
 import libvirt
+import libvirt_qemu
 
 from ..domain import Protection
 from ..errors import DomainNotFoundError, VirtError
@@ -192,14 +195,30 @@ def _agent_error(e: libvirt.libvirtError, what: str) -> VirtError:
     return virt_error(e, what)
 
 
-async def _agent_call(dom: libvirt.virDomain, method: str, what: str, timeout: float) -> int:
+async def _agent_call(dom: libvirt.virDomain, command: str, what: str, timeout: float) -> int:
+    """One guest agent command with libvirt's own per-call timeout.
+
+    Not ``virDomainFSFreeze``: libvirt waits for its answer without a bound by
+    default, holding the domain's agent job, so a hung agent would also block the
+    thaw that must follow. A timed-out command here ends and frees the job.
+    (libvirt notes the domain as tainted by a custom agent command.)
+    """
+    seconds = max(1, math.ceil(timeout))
     try:
-        async with asyncio.timeout(timeout):
-            return int(await asyncio.to_thread(getattr(dom, method)))
+        async with asyncio.timeout(seconds + 5):  # libvirt's bound first; this one if libvirt hangs
+            raw = await asyncio.to_thread(libvirt_qemu.qemuAgentCommand, dom, json.dumps({"execute": command}),
+                                          seconds, 0)
     except TimeoutError:
-        raise GuestAgentError(f"{what}: no answer from the guest agent within {timeout:g}s") from None
+        raise GuestAgentError(f"{what}: no answer from the guest agent within {seconds}s") from None
     except libvirt.libvirtError as e:
+        if e.get_error_code() == libvirt.VIR_ERR_AGENT_UNRESPONSIVE and "not available" in str(e):
+            raise GuestAgentError(f"{what}: no answer from the guest agent within {seconds}s",
+                                  e.get_error_code()) from e
         raise _agent_error(e, what) from e
+    try:
+        return int(json.loads(raw)["return"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise VirtError(f"{what}: the guest agent answered {raw!r:.100}") from e
 
 
 async def fs_freeze(dom: libvirt.virDomain, timeout: float = FREEZE_TIMEOUT) -> int:
@@ -208,7 +227,7 @@ async def fs_freeze(dom: libvirt.virDomain, timeout: float = FREEZE_TIMEOUT) -> 
     :raise GuestAgentError: no agent answered (``reached_guest`` says whether a thaw may be needed)
     :raise VirtError: the agent answered with an error
     """
-    return await _agent_call(dom, "fsFreeze", f"domain {dom.name()}: freeze", timeout)
+    return await _agent_call(dom, "guest-fsfreeze-freeze", f"domain {dom.name()}: freeze", timeout)
 
 
 async def fs_thaw(dom: libvirt.virDomain, timeout: float = FREEZE_TIMEOUT) -> int:
@@ -217,4 +236,4 @@ async def fs_thaw(dom: libvirt.virDomain, timeout: float = FREEZE_TIMEOUT) -> in
     :raise GuestAgentError: no agent answered
     :raise VirtError: the agent answered with an error
     """
-    return await _agent_call(dom, "fsThaw", f"domain {dom.name()}: thaw", timeout)
+    return await _agent_call(dom, "guest-fsfreeze-thaw", f"domain {dom.name()}: thaw", timeout)

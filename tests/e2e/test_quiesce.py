@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from plugin import cli
+from plugin.virt import domains
 from tests.lab import stamps
 from tests.lab.agent import LabAgent
 from tests.lab.fixtures import LabPair
@@ -36,11 +37,12 @@ FROZEN_RE = re.compile(rb"VS-FROZEN seq=(\d+)")
 def site(lab_pair: LabPair, request: pytest.FixtureRequest) -> Iterator[tuple[Site, WritingGuest]]:
     """The lab pair with agents and the writing guest, protected. ``request.param``
     (indirect): "agent" (guest agent and channel), "no-channel" (no agent configured),
-    "silent" (a channel, but nothing in the guest opens it)."""
+    "silent" (a channel, but nothing in the guest opens it), "hung" (an agent that
+    freezes the guest but never answers the freeze)."""
     kind = getattr(request, "param", "agent")
     guest = start_writing_guest(lab_pair.pri, GUEST, DISKS, BLOCKS, size="8M", qga=kind == "agent",
-                                channel=kind != "no-channel")
-    if kind == "agent":
+                                channel=kind != "no-channel", qga_hang=kind == "hung")
+    if kind in ("agent", "hung"):
         # the agent opens its port right after VS-READY; libvirt connects then
         deadline = time.monotonic() + 30
         while b"VS-QGA port=" not in read_log(guest.serial):
@@ -158,3 +160,34 @@ def test_without_agent_refused_unless_crash_consistent_ok(site: tuple[Site, Writ
     # --crash-consistent-ok alone is a usage error
     code, _, err = cli_mark(s.pri, capsys, "--crash-consistent-ok")
     assert code == 2 and "only goes with --quiesce" in err, err
+
+
+@pytest.mark.parametrize("site", ["hung"], indirect=True)
+def test_hung_agent_refused_in_bounded_time_and_the_guest_thawed(site: tuple[Site, WritingGuest],
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """An agent that freezes the guest and never answers: the mark is refused within
+    the freeze timeout, no marker is added, the guest is thawed and writes on, and the
+    next quiesced attempt is not stuck behind the first."""
+    s, guest = site
+    before = [m["seq"] for m in s.sec.call("markers", domain=GUEST)["markers"]]
+    t0 = time.monotonic()
+    code, _, err = cli_mark(s.pri, capsys, "--quiesce")
+    took = time.monotonic() - t0
+    assert code == 1 and "no answer from the guest agent" in err and "--crash-consistent-ok" in err, err
+    assert took < domains.FREEZE_TIMEOUT + 10, f"refused only after {took:.1f}s"
+    assert [m["seq"] for m in s.sec.call("markers", domain=GUEST)["markers"]] == before
+    assert b"VS-FROZEN" in read_log(guest.serial), "the freeze did reach the guest"
+    deadline = time.monotonic() + 15
+    while b"VS-THAWED" not in read_log(guest.serial):
+        assert time.monotonic() < deadline, "the guest was left frozen"
+        time.sleep(0.2)
+    seq = guest.last_seq()
+    deadline = time.monotonic() + 15
+    while guest.last_seq() < seq + 100:
+        assert time.monotonic() < deadline, "the guest does not write after the thaw"
+        time.sleep(0.2)
+    # Not wedged: a crash-consistent fallback is taken in bounded time, and says why.
+    t0 = time.monotonic()
+    code, result, err = cli_mark(s.pri, capsys, "--quiesce", "--crash-consistent-ok")
+    assert code == 0 and result["quiesced"] is False, err
+    assert time.monotonic() - t0 < domains.FREEZE_TIMEOUT + 10

@@ -147,11 +147,13 @@ class WritingGuest:
 
 
 def start_writing_guest(host: LabHost, name: str, n_disks: int, blocks: int, size: str = "16M",
-                        timeout: float = 90.0, qga: bool = False, channel: bool | None = None) -> WritingGuest:
+                        timeout: float = 90.0, qga: bool = False, channel: bool | None = None,
+                        qga_hang: bool = False) -> WritingGuest:
     """The stamped-block writer (tests/lab/guest) as a domain on ``host``.
 
     ``qga=True``: the guest runs its minimal guest agent and the domain has the agent's
-    channel; ``channel`` (default: ``qga``) adds the channel alone.
+    channel; ``channel`` (default: ``qga``) adds the channel alone; ``qga_hang``: the
+    agent freezes but never answers the freeze.
 
     Returns once the guest said VS-READY; it writes from then on, ~150-300 writes/s under
     TCG on an idle machine, much fewer on a busy one.
@@ -161,8 +163,9 @@ def start_writing_guest(host: LabHost, name: str, n_disks: int, blocks: int, siz
     disk_dir.mkdir(exist_ok=True)
     disks = [(make_image(disk_dir / f"{name}-vd{chr(97 + i)}.qcow2", size), "qcow2") for i in range(n_disks)]
     serial = str(disk_dir / f"{name}-console.log")
-    xml = domain_xml(name, str(images.kernel), str(images.initrd), guest_cmdline(n_disks, blocks, qga=qga), disks,
-                     serial_log=serial, qga=qga if channel is None else channel)
+    cmdline = guest_cmdline(n_disks, blocks, qga=qga or qga_hang, extra="vs.qga=hang" if qga_hang else "")
+    xml = domain_xml(name, str(images.kernel), str(images.initrd), cmdline, disks,
+                     serial_log=serial, qga=(qga or qga_hang) if channel is None else channel)
     define_domain(host, name, xml)
     wait_for_console(serial, "VS-READY", timeout=timeout)
     return WritingGuest(name, [d[0] for d in disks], serial)

@@ -8,6 +8,7 @@
 #   vs.start=S   first sequence number                           default 1
 #   vs.rate=R    at most R writes per second (optional)
 #   vs.qga=1     run a minimal QEMU guest agent (see vs_qga_main)     default 0
+#   vs.qga=hang  the same, but a freeze is never answered (it does freeze)
 #
 # Write seq goes to disk seq % N, block mix(seq) % B; the block is one 64-byte stamp
 # line repeated 64 times, written with one dd (O_DIRECT) per write.
@@ -129,7 +130,10 @@ vs_qga_handle() {
     *'"guest-sync-delimited"'*) vs_qga_id "$1"; printf '\377{"return": %s}\n' "$VS_ID" >&3 ;;
     *'"guest-sync"'*) vs_qga_id "$1"; printf '{"return": %s}\n' "$VS_ID" >&3 ;;
     *'"guest-ping"'*) printf '{"return": {}}\n' >&3 ;;
-    *'"guest-fsfreeze-freeze"'*) vs_qga_freeze; printf '{"return": 1}\n' >&3 ;;
+    *'"guest-fsfreeze-freeze"'*)
+        vs_qga_freeze
+        # vs.qga=hang: frozen, but the answer never comes (a hung agent)
+        [ -n "$VS_QGA_HANG" ] || printf '{"return": 1}\n' >&3 ;;
     *'"guest-fsfreeze-thaw"'*) vs_qga_thaw; printf '{"return": 1}\n' >&3 ;;
     *'"guest-fsfreeze-status"'*)
         if [ -e "$VS_FREEZE" ]; then _st=frozen; else _st=thawed; fi
@@ -204,6 +208,7 @@ vs_main() {
         vs.qga=*) qga=${w#*=} ;;
         esac
     done
+    if [ "$qga" = hang ]; then qga=1 VS_QGA_HANG=1; fi
 
     mods="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk"
     [ "$qga" != 1 ] || mods="$mods virtio_console"
