@@ -130,6 +130,8 @@ class Bench:
                 "protected (cycles running) / unprotected", "x", ">= 0.97", fmt="{:.3f}")
             add(f"r_write_susp_{p.name}", f"3. the same ({p.name}), protected but no cycle running (dirty bitmap "
                 "only) / unprotected", "x", fmt="{:.3f}")
+            add(f"r_write_adj_{p.name}", f"3. the same ({p.name}): cycles running / dirty bitmap only, adjacent "
+                "windows (same cache state: the unbiased view)", "x", ">= 0.97", fmt="{:.3f}")
         for m in modes:
             add(f"idle_cycle_ms_{m}", f"4. idle cycle, {MODE_LABEL[m]}: agent's cycle record", "ms", "<= 50",
                 fmt="{:.0f}")
@@ -522,6 +524,7 @@ class Bench:
         for p in self.profiles:
             s[f"r_write_{p.name}"].add(m[f"w_on_{p.name}"] / m[f"w_off_{p.name}"])
             s[f"r_write_susp_{p.name}"].add(m[f"w_susp_{p.name}"] / m[f"w_off_{p.name}"])
+            s[f"r_write_adj_{p.name}"].add(m[f"w_on_{p.name}"] / m[f"w_susp_{p.name}"])
 
     def run(self) -> None:
         for rep in range(self.reps):
