@@ -528,6 +528,8 @@ class Agent:
                 await self.secondary.reflect_due()
             except PluginError as e:
                 log.warning("applying delayed markers: %s", e)
+            except Exception:  # noqa: BLE001 - the timer must outlive one bad round
+                log.exception("applying delayed markers")
 
     async def _tracker_loop(self) -> None:
         """Events and hook calls queue (uuid, reason); a timer re-reads all
