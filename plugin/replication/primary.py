@@ -15,7 +15,8 @@ finishes at local disk speed. The stage is then closed with a persistent copy
 of the frozen bitmap in it, and this host's storage daemon ships it to the NBD
 segment (:mod:`.shipper`): the link's TLS and connection live outside the
 guest's QEMU. (A full copy goes straight to the link from the guest's QEMU:
-its stage would be the whole disk.)
+its stage would be the whole disk; so does an increment whose stage would not
+fit in ``scratch``.)
 
 The frozen bitmap is removed only after the secondary has committed marker
 N+1. If the cycle fails, one more transaction merges ``vs-g<N+1>`` back into
@@ -37,6 +38,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -86,9 +88,11 @@ def nbd_node_name(target: str) -> str:
 
 
 def job_name(target: str, seq: int) -> str:
-    """The job that moves a disk's data over the link (full copy or ship)."""
+    """The job that sends a disk's data straight to the link from the guest's QEMU."""
     return commands.owned(f"vs-cyc{seq}-{target}")
 
+
+SCRATCH_MARGIN = 64 << 20  # qcow2 metadata of the stages, and writes between the check and the cut
 
 # Requests in flight of a stage job (QEMU's default is 64 of up to 1 MiB): a few
 # saturate the local disk already; more only queue the guest's own writes behind them.
@@ -265,11 +269,14 @@ class DomainReplicator:
                                                          "targets": self.targets,
                                                          "sizes": {d.target: d.size for d in self.disks}})
             opened = True
-            full = [d for d in self.disks if d.target in full_disks]
             staged = [d for d in self.disks if d.target not in full_disks]
-            if full:
+            if staged and not await self._stages_fit(staged, last):
+                staged = []
+            # Full copies (and increments whose stages would not fit) go straight to the link.
+            direct = [d for d in self.disks if d not in staged]
+            if direct:
                 tls_creds = await add_tls_client(self.qmp, self.tls)
-                for disk in full:
+                for disk in direct:
                     await nodes.blockdev_add(self.qmp, commands.nbd_node(
                         nbd_node_name(disk.target), str(target["exports"][disk.target]),
                         host=str(target["host"]), port=int(target["port"]), tls_creds=tls_creds))
@@ -278,23 +285,29 @@ class DomainReplicator:
             for disk in self.disks:
                 actions.append(commands.action("block-dirty-bitmap-add",
                                                commands.bitmap_add_args(disk.node, gen_name(seq))))
-                if disk in full:
+                if disk.target in full_disks:
                     backup = commands.backup_args(job_name(disk.target, seq), disk.node, nbd_node_name(disk.target),
                                                   speed=self.speed_limit)
                 else:
                     actions.append(commands.action("block-dirty-bitmap-disable",
                                                    commands.bitmap_args(disk.node, gen_name(last))))
-                    backup = commands.backup_args(stage_job_name(disk.target, seq), disk.node,
-                                                  stage_node_name(disk.target), sync="bitmap",
-                                                  bitmap=gen_name(last), bitmap_mode="never",
-                                                  max_workers=STAGE_WORKERS)
+                    if disk in staged:
+                        backup = commands.backup_args(stage_job_name(disk.target, seq), disk.node,
+                                                      stage_node_name(disk.target), sync="bitmap",
+                                                      bitmap=gen_name(last), bitmap_mode="never",
+                                                      max_workers=STAGE_WORKERS)
+                    else:
+                        backup = commands.backup_args(job_name(disk.target, seq), disk.node,
+                                                      nbd_node_name(disk.target), sync="bitmap",
+                                                      bitmap=gen_name(last), bitmap_mode="never",
+                                                      speed=self.speed_limit)
                 actions.append(commands.action("blockdev-backup", backup))
-            # Each disk's data moves in one job: in the guest's QEMU (full) or the storage daemon (staged).
+            # Each disk's data moves in one job: in the guest's QEMU (direct) or the storage daemon (staged).
             movers: dict[str, tuple[JobTracker, str]] = {}
             with contextlib.ExitStack() as trackers:
-                if full:
-                    sending = trackers.enter_context(JobTracker(self.qmp, [job_name(d.target, seq) for d in full]))
-                    movers.update({d.target: (sending, job_name(d.target, seq)) for d in full})
+                if direct:
+                    sending = trackers.enter_context(JobTracker(self.qmp, [job_name(d.target, seq) for d in direct]))
+                    movers.update({d.target: (sending, job_name(d.target, seq)) for d in direct})
                 if staged:
                     staging = trackers.enter_context(JobTracker(self.qmp, [stage_job_name(d.target, seq)
                                                                            for d in staged]))
@@ -305,7 +318,7 @@ class DomainReplicator:
                 cut = True
                 stats.cut_time = time.time()
                 for disk in self.disks:
-                    if disk in full:
+                    if disk.target in full_disks:
                         stats.bytes[disk.target] = disk.size
                     else:
                         stats.bytes[disk.target] = (await bitmaps.info(self.qmp, disk.node, gen_name(last))).count
@@ -459,6 +472,26 @@ class DomainReplicator:
 
     def _stage_path(self, target: str) -> str:
         return os.path.join(self.scratch, f"{self.uuid}-{target}.qcow2")
+
+    async def _stages_fit(self, staged: list[DiskSpec], last: int) -> bool:
+        """Whether ``scratch`` has room for this cycle's stages (everything dirty
+        now, and what may still come before the cut).
+
+        A stage that ran out of space would fail the guest's own writes to the
+        clusters not yet staged: QEMU 7.2's backup breaks the guest write when its
+        copy-before-write fails (``on-cbw-error`` is not exposed for backup jobs).
+        When they do not fit, the cycle sends straight to the link, as before stages
+        existed (after a long outage the dirty set can outgrow any scratch).
+        """
+        os.makedirs(self.scratch, mode=0o700, exist_ok=True)
+        dirty = await self._dirty_counts(gen_name(last))
+        need = sum(max(dirty.get(d.target, 0), 0) for d in staged) * 5 // 4 + SCRATCH_MARGIN
+        free = shutil.disk_usage(self.scratch).free
+        if free >= need:
+            return True
+        self.log.warning("scratch %s has %d MiB free, the stages need about %d MiB: this cycle sends straight "
+                         "to the link (guest writes may wait on it)", self.scratch, free >> 20, need >> 20)
+        return False
 
     async def _add_stages(self, disks: list[DiskSpec]) -> None:
         """A fresh, empty stage per disk: the size of the disk, no backing, flushes ignored
