@@ -415,7 +415,8 @@ class Agent:
         dom = await domains.lookup_uuid(self.conn, uuid)
         qmp = LibvirtQmpTransport(dom)
         await qmp.connect()
-        entries, specs, exclude = await self._current_disks(dom, qmp)
+        xml = await domains.live_xml(dom)
+        entries, specs, exclude = await self._current_disks(dom, qmp, xml)
         # Cycles start with the disks that have pairs; any other disk (attached, or
         # no longer excluded, since protect read the list) is the tracker's to add,
         # below: it prepares the replica first.
@@ -425,7 +426,7 @@ class Agent:
             store.save_disk_list(uuid, {"disks": [e.to_json() for e in entries if e.target in paired],
                                         "exclude": sorted(exclude)}, "protect")
         assert self.qsd.qmp is not None, "the storage daemon starts first"
-        owner = domains.qemu_owner(await domains.live_xml(dom))
+        owner = domains.qemu_owner(xml)
         rep = DomainReplicator(store=store, peer=self.peers[prot["peer"]], qmp=qmp, uuid=uuid, domain=prot["domain"],
                                disks=disks, scratch=self.cfg.scratch, stage_owner=owner, shipper=self.qsd.qmp,
                                cycle_timeout=self.cfg.cycle_timeout, stall_after=self.cfg.stall_after,
@@ -441,11 +442,13 @@ class Agent:
 
     # -- the mapping tracker ----------------------------------------------------
 
-    async def _current_disks(self, dom: Any, qmp: LibvirtQmpTransport
+    async def _current_disks(self, dom: Any, qmp: LibvirtQmpTransport, xml: str | None = None
                              ) -> tuple[list[DiskEntry], dict[str, DiskSpec], set[str]]:
         """All the domain's disks as the tracker sees them, the replicable
-        ones as pairs need them, and the targets its metadata excludes."""
-        xml = await domains.live_xml(dom)
+        ones as pairs need them, and the targets its metadata excludes
+        (from ``xml``, the live XML when the caller has already read it)."""
+        if xml is None:
+            xml = await domains.live_xml(dom)
         disks = domains.parse_disks(xml)
         exclude = domains.parse_exclude(xml)
         entries = [DiskEntry(d.target, d.source, d.fmt, 0, d.device, d.disk_type, "", d.read_only, d.shareable)

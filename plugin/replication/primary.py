@@ -317,11 +317,10 @@ class DomainReplicator:
                 await self._cut(actions, before_cut, after_cut)
                 cut = True
                 stats.cut_time = time.time()
-                for disk in self.disks:
-                    if disk.target in full_disks:
-                        stats.bytes[disk.target] = disk.size
-                    else:
-                        stats.bytes[disk.target] = (await bitmaps.info(self.qmp, disk.node, gen_name(last))).count
+                frozen = await self._dirty_counts(gen_name(last)) if len(full_disks) < len(self.disks) else {}
+                stats.bytes = {d.target: d.size if d.target in full_disks else frozen[d.target] for d in self.disks}
+                if any(n < 0 for n in stats.bytes.values()):  # -1: the frozen bitmap is gone
+                    raise CycleError(f"frozen bitmap {gen_name(last)} missing after the cut: {stats.bytes}")
                 if staged:
                     await staging.wait_all_concluded(timeout=self.cycle_timeout)
                     await self._close_stages(staged, last)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -52,6 +52,7 @@ from tests.lab.site import (
     domain_leftovers,
     open_site,
     start_writing_guest,
+    wait_for,
 )
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.guest]
@@ -74,17 +75,6 @@ def site(lab_pair: LabPair, guest: WritingGuest) -> Iterator[Site]:
     with open_site(lab_pair, speed_limit=SPEED, stall_after=STALL_AFTER) as s:
         s.domains.append(GUEST)
         yield s
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float, poll: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(poll)
 
 
 def pairs(site: Site) -> list[dict[str, Any]]:

@@ -11,10 +11,8 @@ write log, with nothing of the killed cycle left anywhere.
 from __future__ import annotations
 
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -29,6 +27,7 @@ from tests.lab.site import (
     domain_leftovers,
     open_site,
     start_writing_guest,
+    wait_for,
 )
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.guest]
@@ -44,14 +43,6 @@ def site(lab_pair: LabPair) -> Iterator[tuple[Site, WritingGuest]]:
     with open_site(lab_pair, speed_limit=SPEED) as s:
         s.domains.append(GUEST)
         yield s, guest
-
-
-def wait_for(what: str, check: Any, timeout: float, poll: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"timed out after {timeout:g}s waiting for {what}"
-        time.sleep(poll)
-    return value
 
 
 def test_primary_killed_mid_ship_resumes_incrementally(site: tuple[Site, WritingGuest], tmp_path: Path) -> None:

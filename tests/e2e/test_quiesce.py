@@ -24,7 +24,7 @@ from tests.lab import stamps
 from tests.lab.agent import LabAgent
 from tests.lab.fixtures import LabPair
 from tests.lab.guest import read_log
-from tests.lab.site import Site, WritingGuest, open_site, start_writing_guest
+from tests.lab.site import Site, WritingGuest, open_site, start_writing_guest, wait_for
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.guest]
 
@@ -177,15 +177,9 @@ def test_hung_agent_refused_in_bounded_time_and_the_guest_thawed(site: tuple[Sit
     assert took < domains.FREEZE_TIMEOUT + 10, f"refused only after {took:.1f}s"
     assert [m["seq"] for m in s.sec.call("markers", domain=GUEST)["markers"]] == before
     assert b"VS-FROZEN" in read_log(guest.serial), "the freeze did reach the guest"
-    deadline = time.monotonic() + 15
-    while b"VS-THAWED" not in read_log(guest.serial):
-        assert time.monotonic() < deadline, "the guest was left frozen"
-        time.sleep(0.2)
+    wait_for("the guest to be thawed", lambda: b"VS-THAWED" in read_log(guest.serial), timeout=15)
     seq = guest.last_seq()
-    deadline = time.monotonic() + 15
-    while guest.last_seq() < seq + 100:
-        assert time.monotonic() < deadline, "the guest does not write after the thaw"
-        time.sleep(0.2)
+    wait_for("the guest to write on after the thaw", lambda: guest.last_seq() >= seq + 100, timeout=15)
     # Not wedged: a crash-consistent fallback is taken in bounded time, and says why.
     t0 = time.monotonic()
     code, result, err = cli_mark(s.pri, capsys, "--quiesce", "--crash-consistent-ok")

@@ -16,6 +16,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from . import procs
 
@@ -103,12 +104,13 @@ def guest_cmdline(
     start: int = 1,
     rate: int | None = None,
     extra: str = "",
-    qga: bool = False,
+    qga: bool | Literal["hang"] = False,
 ) -> str:
     """Kernel command line for the writer (serial console, quiet, die on panic).
 
     ``qga=True`` runs the guest's minimal QEMU guest agent (init.sh ``vs_qga_main``) on
-    the virtio-serial port ``org.qemu.guest_agent.0`` (``domain_xml(qga=True)``).
+    the virtio-serial port ``org.qemu.guest_agent.0`` (``domain_xml(qga=True)``);
+    ``qga="hang"`` the same agent, which freezes but never answers a freeze.
     """
     parts = [
         "console=ttyS0",
@@ -122,7 +124,7 @@ def guest_cmdline(
     if rate:
         parts.append(f"vs.rate={rate}")
     if qga:
-        parts.append("vs.qga=1")
+        parts.append(f"vs.qga={'hang' if qga == 'hang' else 1}")
     if extra:
         parts.append(extra)
     return " ".join(parts)

@@ -14,7 +14,8 @@ import contextlib
 import json
 import os
 import sqlite3
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,12 +164,24 @@ def start_writing_guest(host: LabHost, name: str, n_disks: int, blocks: int, siz
     disk_dir.mkdir(exist_ok=True)
     disks = [(make_image(disk_dir / f"{name}-vd{chr(97 + i)}.qcow2", size), "qcow2") for i in range(n_disks)]
     serial = str(disk_dir / f"{name}-console.log")
-    cmdline = guest_cmdline(n_disks, blocks, qga=qga or qga_hang, extra="vs.qga=hang" if qga_hang else "")
+    cmdline = guest_cmdline(n_disks, blocks, qga="hang" if qga_hang else qga)
     xml = domain_xml(name, str(images.kernel), str(images.initrd), cmdline, disks,
                      serial_log=serial, qga=(qga or qga_hang) if channel is None else channel)
     define_domain(host, name, xml)
     wait_for_console(serial, "VS-READY", timeout=timeout)
     return WritingGuest(name, [d[0] for d in disks], serial)
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float, poll: float = 0.1) -> Any:
+    """Poll ``check`` until it returns something true (returned); fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(poll)
 
 
 # -- what is left behind --------------------------------------------------------------
