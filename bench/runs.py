@@ -30,6 +30,7 @@ from typing import Any
 from tests.lab import procs
 from tests.lab.agent import LabAgent
 
+from . import cpu_load
 from .lab import (
     VNB_DOMAIN,
     VS_DOMAIN,
@@ -132,6 +133,11 @@ class Bench:
                 "only) / unprotected", "x", fmt="{:.3f}")
             add(f"r_write_adj_{p.name}", f"3. the same ({p.name}): cycles running / dirty bitmap only, adjacent "
                 "windows (same cache state: the unbiased view)", "x", ">= 0.97", fmt="{:.3f}")
+            add(f"r_write_load_both_{p.name}", f"3. calibration ({p.name}): a synthetic CPU load (no I/O, nice 10, "
+                "10 ms bursts) as large as both sites' virtsync processes used in the cycles window / dirty bitmap "
+                "only", "x", fmt="{:.3f}")
+            add(f"r_write_load_pri_{p.name}", f"3. calibration ({p.name}): the same with the primary site's share "
+                "only (the secondary on its own host) / dirty bitmap only", "x", fmt="{:.3f}")
         for m in modes:
             add(f"idle_cycle_ms_{m}", f"4. idle cycle, {MODE_LABEL[m]}: agent's cycle record", "ms", "<= 50",
                 fmt="{:.0f}")
@@ -177,6 +183,14 @@ class Bench:
             add(f"w_cycles_{p.name}", f"writer {p.name}: cycles completed during the protected window", "",
                 fmt="{:.0f}")
             add(f"w_sent_{p.name}", f"writer {p.name}: MiB sent by those cycles", "MiB", fmt="{:.0f}")
+            add(f"w_cores_pri_{p.name}", f"writer {p.name}: cores used by the primary's agent and storage daemon "
+                "during the cycles window", "cores")
+            add(f"w_cores_sec_{p.name}", f"writer {p.name}: cores used by the secondary's agent (with its qemu-img) "
+                "and storage daemon", "cores")
+            add(f"w_load_both_{p.name}", f"writer {p.name}: beside a synthetic load of both sites' cores", "MiB/s",
+                fmt="{:.0f}")
+            add(f"w_load_pri_{p.name}", f"writer {p.name}: beside a synthetic load of the primary's cores", "MiB/s",
+                fmt="{:.0f}")
         self.series = s
 
     # -- helpers -----------------------------------------------------------------
@@ -449,6 +463,7 @@ class Bench:
                 rate = self.write_window(p, 0x70 + rep)
             finally:
                 self.log(f"  CPU (cores) during the protected {p.name} window: {self._cpu_window(cpu, self.window)}")
+                used = self._cores_since(cpu)
                 self.pri.call("suspend", domain=VS_DOMAIN, timeout=300)
             rows = [r for r in self.lab.cycles(200) if r["id"] > before]
             done = [r for r in rows if r["finished"] and not r["error"]]
@@ -460,6 +475,31 @@ class Bench:
             self._add(f"w_sent_{p.name}", sum(r["bytes"] for r in done) / MiB)
             self.log(f"  writer protected {p.name}: {rate:.0f} MiB/s, {len(done)} cycles, "
                      f"{sum(r['bytes'] for r in done) / MiB:.0f} MiB sent")
+            self._calibrate(p, rep, used)
+
+    def _cores_since(self, before: dict[str, float]) -> dict[str, float]:
+        """Cores each site's virtsync processes (agent, its children, storage daemon) used since ``before``."""
+        after = self._cpu_by_process()
+        return {site: sum(after[k] - before[k] for k in (f"{site} agent", f"{site} qsd") if k in after and k in before)
+                / self.window for site in ("pri", "sec")}
+
+    def _calibrate(self, p: WriterProfile, rep: int, used: dict[str, float]) -> None:
+        """The writer beside a synthetic CPU load (``bench.cpu_load``) as large as what
+        virtsync's processes used in the protected window: once both sites' share, once
+        the primary's only (what the guest's host would carry with the secondary on its
+        own host). No I/O, nothing of virtsync: the machine's price for that much CPU."""
+        self._add(f"w_cores_pri_{p.name}", used["pri"])
+        self._add(f"w_cores_sec_{p.name}", used["sec"])
+        for key, cores in (("both", used["pri"] + used["sec"]), ("pri", used["pri"])):
+            load = cpu_load.start(cores)
+            try:
+                rate = self.write_window(p, 0x30 + rep)
+            finally:
+                for proc in load:
+                    proc.kill()
+                    proc.wait()
+            self._add(f"w_load_{key}_{p.name}", rate)
+            self.log(f"  writer {p.name} beside a synthetic load of {cores:.2f} cores ({key}): {rate:.0f} MiB/s")
 
     # -- one repetition ---------------------------------------------------------------
 
@@ -525,6 +565,8 @@ class Bench:
             s[f"r_write_{p.name}"].add(m[f"w_on_{p.name}"] / m[f"w_off_{p.name}"])
             s[f"r_write_susp_{p.name}"].add(m[f"w_susp_{p.name}"] / m[f"w_off_{p.name}"])
             s[f"r_write_adj_{p.name}"].add(m[f"w_on_{p.name}"] / m[f"w_susp_{p.name}"])
+            for key in ("both", "pri"):
+                s[f"r_write_load_{key}_{p.name}"].add(m[f"w_load_{key}_{p.name}"] / m[f"w_susp_{p.name}"])
 
     def run(self) -> None:
         for rep in range(self.reps):
