@@ -6,20 +6,27 @@
         vda.base.qcow2                  the journal's base: the view at marker ``base_seq``
         vda.seg-00000007.qcow2          sealed segment of marker 7; backing = marker 6's (or the base)
         vda.seg-00000008.qcow2.partial  being written by a cycle; discarded unless sealed
+    vda.seg-00000006.qcow2 -> vda.base.qcow2
+                                    a folded segment: a link to the base, kept while a
+                                    newer segment's backing names it
 
 A marker record (sqlite) names each disk's sealed segment with its size and
 SHA-256 and carries a CRC over the whole record. The view of a disk at marker M
 is M's segment (or the base when M is ``base_seq``) with its backing chain.
+Sealed segments never change: folding one into the base leaves a link in its
+place, so the next segment's backing still resolves and its hash still holds.
 Nothing is trusted that has not been checked: a record whose CRC, sequence,
 segment file, size, hash or backing link is wrong stops everything after it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import struct
 import zlib
 from collections.abc import Mapping
 from typing import Any
@@ -45,6 +52,24 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def backing_name(path: str) -> str | None:
+    """The backing file name in a qcow2 image's header; None if it has none or
+    the header cannot be read as qcow2."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(20)
+            if len(head) < 20 or head[:4] != b"QFI\xfb":
+                return None
+            offset, size = struct.unpack(">QI", head[8:20])
+            if not offset or not 0 < size <= 1023:
+                return None
+            f.seek(offset)
+            name = f.read(size)
+    except OSError:
+        return None
+    return os.fsdecode(name) if len(name) == size else None
+
+
 def fsync_path(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -66,14 +91,46 @@ class JournalDir:
         return os.path.join(self.root, f"{target}.seg-{seq:08d}.qcow2" + (".partial" if partial else ""))
 
     def entries(self) -> list[tuple[str, int, bool, str]]:
-        """(target, seq, partial, path) of every segment file present."""
+        """(target, seq, partial, path) of every segment file present (not the links of folded ones)."""
         out = []
         if os.path.isdir(self.root):
             for name in sorted(os.listdir(self.root)):
                 m = SEGMENT_RE.match(name)
-                if m:
-                    out.append((m["target"], int(m["seq"]), bool(m["partial"]), os.path.join(self.root, name)))
+                path = os.path.join(self.root, name)
+                if m and not os.path.islink(path):
+                    out.append((m["target"], int(m["seq"]), bool(m["partial"]), path))
         return out
+
+    def links(self, target: str) -> list[str]:
+        """Paths of the links that stand for ``target``'s folded segments."""
+        if not os.path.isdir(self.root):
+            return []
+        return [os.path.join(self.root, name) for name in sorted(os.listdir(self.root))
+                if (m := SEGMENT_RE.match(name)) and m["target"] == target
+                and os.path.islink(os.path.join(self.root, name))]
+
+    def link_to_base(self, target: str, seq: int) -> None:
+        """Replace folded segment ``seq`` (already committed into the base) by a link to the base."""
+        seg = self.segment(target, seq)
+        tmp = seg + ".link"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        os.symlink(os.path.basename(self.base(target)), tmp)
+        os.replace(tmp, seg)
+
+    def drop_unused_links(self, target: str) -> None:
+        """Remove the links no segment's backing names any more. When a header
+        cannot be read, every link stays: a broken chain would lose markers."""
+        needed = set()
+        for t, _, _, path in self.entries():
+            if t == target:
+                name = backing_name(path)
+                if name is None:
+                    return
+                needed.add(name)
+        for link in self.links(target):
+            if os.path.basename(link) not in needed:
+                os.unlink(link)
 
     def view(self, target: str, seq: int) -> str:
         """The file whose chain is the disk as of marker ``seq``: its newest

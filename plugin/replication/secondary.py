@@ -10,7 +10,7 @@ The reflecting unit moves the replica (``applied``) forward over markers that
 allow it, oldest first, after checking each marker's record and segments.
 Since sealed segments never change, the replica is always exactly some
 marker. Retention folds the oldest applied segments into the base (commit,
-then re-point the next segment's backing, then delete); every fold step is
+then a link to the base in the segment's place); every fold step is
 idempotent and its intent is recorded first, so a crash at any point is
 repaired by doing it again.
 """
@@ -491,43 +491,30 @@ class Secondary:
                 return
 
     async def _fold_one(self, uuid: str, seq: int, *, resume: bool = False) -> None:
-        """Fold marker ``seq``'s segments into the base; the base becomes marker ``seq``."""
+        """Fold marker ``seq``'s segments into the base; the base becomes marker ``seq``.
+
+        The folded segment's file then becomes a link to the base: the next
+        segment's backing still resolves, and no sealed segment is rewritten
+        (re-pointing it would change it, and its hash would have to be redone)."""
         journal = self.journal(uuid)
         self.store.set_protection(uuid, ROLE, folding=seq)
         fault_point("fold-after-intent")
         row = next(r for r in self.store.marker_rows(uuid) if int(r["seq"]) == seq)
         for target in json.loads(row["disks"]):
             seg = journal.segment(target, seq)
-            # The next segment built on this one: the disk's next newer segment.
-            later = sorted(s for t, s, partial, _ in journal.entries() if t == target and not partial and s > seq)
-            nxt = journal.segment(target, later[0]) if later else ""
-            if os.path.exists(seg):
+            if os.path.isfile(seg) and not os.path.islink(seg):
                 await run_tool("qemu-img", "commit", "-q", "-d", "-f", "qcow2", seg)
                 fsync_path(journal.base(target))
                 fault_point("fold-after-commit")
-                if nxt and os.path.exists(nxt):
-                    await run_tool("qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b",
-                               os.path.basename(journal.base(target)), nxt)
-                    fsync_path(nxt)
-                    self._refresh_segment_record(uuid, later[0], target, nxt)
-                os.unlink(seg)
+                journal.link_to_base(target, seq)
+                fault_point("fold-after-link")
+            journal.drop_unused_links(target)
         fsync_path(journal.root)
         with self.store.transaction() as db:
             db.execute("UPDATE protections SET base_seq = ?, folding = 0 WHERE domain_uuid = ? AND role = ?",
                        (seq, uuid, ROLE))
             db.execute("DELETE FROM markers WHERE domain_uuid = ? AND seq < ?", (uuid, seq))
             self.store.audit("fold", uuid, base_seq=seq, resumed=resume)
-
-    def _refresh_segment_record(self, uuid: str, seq: int, target: str, path: str) -> None:
-        """Re-hash a segment whose header changed (rebase) and re-seal its record."""
-        row = next((r for r in self.store.marker_rows(uuid) if int(r["seq"]) == seq), None)
-        if row is None:
-            return
-        segments = json.loads(row["segments"])
-        segments[target] = {"size": os.stat(path).st_size, "sha256": file_sha256(path)}
-        crc = record_crc(seq, float(row["cut_time"]), json.loads(row["disks"]), json.loads(row["bytes"]),
-                         str(row["label"]), bool(row["apply"]), segments)
-        self.store.reseal_marker(uuid, seq, segments, crc)
 
     async def _enforce_space(self, uuid: str) -> None:
         limit = self.cfg.journal_max_bytes

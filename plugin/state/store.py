@@ -275,11 +275,6 @@ class Store:
         else:
             self._db.execute("DELETE FROM markers WHERE domain_uuid = ? AND seq < ?", (uuid, below))
 
-    def reseal_marker(self, uuid: str, seq: int, segments: dict[str, Any], crc: str) -> None:
-        """Replace a marker's segment hashes after a metadata-only change (rebase)."""
-        self._db.execute("UPDATE markers SET segments = ?, crc = ? WHERE domain_uuid = ? AND seq = ?",
-                         (json.dumps(segments, sort_keys=True), crc, uuid, seq))
-
     def marker_rows(self, uuid: str) -> list[sqlite3.Row]:
         """Raw marker rows, for the journal's own verification."""
         return self._db.execute("SELECT * FROM markers WHERE domain_uuid = ? ORDER BY seq", (uuid,)).fetchall()

@@ -103,7 +103,7 @@ def test_hold_no_apply_until_retention_and_restore(site: dict[str, Any], tmp_pat
 
 
 FAULT_POINTS = ["seal-before-marker", "marker-before-reflect", "apply-after-pointer", "fold-after-intent",
-                "fold-after-commit"]
+                "fold-after-commit", "fold-after-link"]
 
 
 def test_secondary_killed_mid_step_recovers_to_a_marker(site: dict[str, Any], tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ damaged passes (no QEMU needed: segments are opaque files here)."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from plugin.errors import JournalCorruptError
-from plugin.replication.journal import JournalDir, file_sha256, record_crc, verify_record, verify_segment
+from plugin.replication.journal import JournalDir, backing_name, file_sha256, record_crc, verify_record, verify_segment
 
 
 def row(seq: int, **over: Any) -> dict[str, Any]:
@@ -88,3 +90,59 @@ def test_views_follow_the_newest_segment_up_to_a_marker(tmp_path: Path) -> None:
     assert journal.view("vda", 4) == journal.segment("vda", 3)
     assert journal.view("vda", 6) == journal.segment("vda", 5)   # a partial segment is never a view
     assert journal.view("vdb", 6) == journal.base("vdb")          # a disk with no segment yet
+
+
+def qcow2(path: Path, backing: str | None = None) -> None:
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    if backing:
+        argv += ["-F", "qcow2", "-b", backing]
+    subprocess.run(argv + [str(path), "1M"], check=True)
+
+
+def chain(path: Path) -> list[str]:
+    """The files qemu-img opens for ``path``, links resolved."""
+    out = subprocess.run(["qemu-img", "info", "--backing-chain", "--output=json", str(path)],
+                         check=True, capture_output=True, text=True).stdout
+    return [(path.parent / i["filename"]).resolve().name for i in json.loads(out)]
+
+
+@pytest.mark.skipif(not shutil.which("qemu-img"), reason="needs qemu-img")
+def test_folded_segments_become_links_kept_while_named(tmp_path: Path) -> None:
+    """Marker 3 is empty (no file): segment 4's backing names segment 2's.
+    Folding turns segments into links to the base and removes a link only
+    when no segment's backing names it; sealed segments are never rewritten."""
+    j = JournalDir(str(tmp_path))
+    qcow2(Path(j.base("vda")))
+    qcow2(Path(j.segment("vda", 2)), "vda.base.qcow2")
+    qcow2(Path(j.segment("vda", 4)), "vda.seg-00000002.qcow2")
+    qcow2(Path(j.segment("vda", 5)), "vda.seg-00000004.qcow2")
+    sealed = {s: file_sha256(j.segment("vda", s)) for s in (4, 5)}
+    assert backing_name(j.segment("vda", 5)) == "vda.seg-00000004.qcow2"
+
+    j.link_to_base("vda", 2)
+    j.drop_unused_links("vda")      # marker 3 folded: nothing of its own
+    assert [e[1] for e in j.entries()] == [4, 5], "a link is not a segment"
+    assert j.links("vda") == [j.segment("vda", 2)], "segment 4 still names segment 2"
+    assert chain(Path(j.segment("vda", 5))) == ["vda.seg-00000005.qcow2", "vda.seg-00000004.qcow2",
+                                                "vda.base.qcow2"]
+    assert j.view("vda", 3) == j.base("vda")
+
+    j.link_to_base("vda", 4)
+    j.drop_unused_links("vda")
+    assert j.links("vda") == [j.segment("vda", 4)], "nothing names segment 2 any more"
+    assert chain(Path(j.segment("vda", 5)))[-1] == "vda.base.qcow2"
+    assert file_sha256(j.segment("vda", 5)) == sealed[5]
+
+    j.link_to_base("vda", 5)
+    j.drop_unused_links("vda")
+    assert j.links("vda") == [] and j.entries() == []
+
+
+def test_an_unreadable_header_keeps_every_link(tmp_path: Path) -> None:
+    j = JournalDir(str(tmp_path))
+    Path(j.base("vda")).write_bytes(b"")
+    Path(j.segment("vda", 3)).write_bytes(b"QFI\xfb" + bytes(12))  # cut short
+    j.link_to_base("vda", 2)
+    j.drop_unused_links("vda")
+    assert j.links("vda") == [j.segment("vda", 2)]
+    assert backing_name(j.segment("vda", 3)) is None
