@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--size-mib", type=int, default=1024, help="disk size (default 1024 MiB)")
     p.add_argument("--dirty", type=float, default=0.10, help="dirty fraction for the incremental (default 0.10)")
     p.add_argument("--window", type=float, default=5.0, help="seconds per guest-writer window (default 5)")
+    p.add_argument("--write-rounds", type=int, default=3,
+                   help="paired writer windows (bitmap only / cycles running) per profile and repetition")
     p.add_argument("--idle-marks", type=int, default=5, help="idle marks per repetition through IPC")
     p.add_argument("--cli-marks", type=int, default=2, help="idle marks per repetition through the CLI")
     p.add_argument("--profiles", default="hot,scattered", help=f"writer profiles, of {','.join(PROFILES)}")
@@ -81,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.modes:
         modes = [m for m in args.modes.split(",") if m in modes]
     bench = Bench(lab, reps=args.reps, window=args.window, dirty=args.dirty, idle_marks=args.idle_marks,
+                  write_rounds=args.write_rounds,
                   cli_marks=args.cli_marks, profiles=profiles, vnb=not args.no_vnb, modes=modes, log=log)
     try:
         lab.start()
@@ -215,7 +218,10 @@ def render(bench: Bench, lab: BenchLab, args: argparse.Namespace, facts: dict[st
         "agent's own scheduler runs cycles back to back (rpo 2 s → a cycle every second after the previous "
         "ends) while the writer writes. Profiles: "
         + "; ".join(f"`{p.name}` = {p.describe()}" for p in bench.profiles)
-        + ". The ratio is throughput protected / unprotected; the first repetition starts with one "
+        + f". Each repetition takes {args.write_rounds} rounds per profile: a bitmap-only window, a window "
+        "with cycles running, the two calibration windows; the ratios to the bitmap-only window are taken "
+        "within a round (n = repetitions × rounds). The ratio to unprotected is throughput protected "
+        "(mean of the rounds) / unprotected; the first repetition starts with one "
         "uncounted warm-up window per profile. Writes run 10–15 % faster for a minute after the "
         "initial copy has read the whole image (measured: unprotected 184–196 MiB/s before it, "
         "213 right after, decaying to 184), and the protected windows come soon after it: the "

@@ -88,7 +88,7 @@ PROFILES = {
 class Bench:
     """Runs the repetitions and fills :attr:`series`."""
 
-    def __init__(self, lab: BenchLab, *, reps: int, window: float, dirty: float, idle_marks: int,
+    def __init__(self, lab: BenchLab, *, reps: int, window: float, dirty: float, idle_marks: int, write_rounds: int,
                  cli_marks: int, profiles: list[str], vnb: bool, modes: list[str],
                  log: Callable[[str], None] = print) -> None:
         self.lab = lab
@@ -96,6 +96,7 @@ class Bench:
         self.window = window
         self.dirty = dirty
         self.idle_marks = idle_marks
+        self.write_rounds = write_rounds
         self.cli_marks = cli_marks
         self.profiles = [PROFILES[p](lab.size) for p in profiles]
         self.vnb = vnb
@@ -449,33 +450,53 @@ class Bench:
         self.log("  writer unprotected: " + ", ".join(f"{k} {v:.0f} MiB/s" for k, v in out.items()))
 
     def writes_on(self, rep: int) -> None:
+        """``write_rounds`` rounds per profile, each a bitmap-only window, then a
+        window with cycles running, then the calibration windows; every ratio is
+        taken within its round, against that round's bitmap-only window (windows
+        5 s apart on a shared machine drift by ±20 %: one pair per repetition
+        cannot resolve a 3 % goal)."""
         for p in self.profiles:
-            # Protected but suspended: the dirty bitmap records, no cycle runs.
-            rate = self.write_window(p, 0x50 + rep)
-            self._add(f"w_susp_{p.name}", rate)
-            self.log(f"  writer protected, suspended {p.name}: {rate:.0f} MiB/s")
-            # Send what that window dirtied first: the protected window starts from a clean bitmap.
-            self.pri.call("mark", domain=VS_DOMAIN, label="bench-sync", timeout=300)
-            before = self._last_cycle_id()
-            self.pri.call("resume", domain=VS_DOMAIN)
-            cpu = self._cpu_by_process()
-            try:
-                rate = self.write_window(p, 0x70 + rep)
-            finally:
-                self.log(f"  CPU (cores) during the protected {p.name} window: {self._cpu_window(cpu, self.window)}")
-                used = self._cores_since(cpu)
-                self.pri.call("suspend", domain=VS_DOMAIN, timeout=300)
-            rows = [r for r in self.lab.cycles(200) if r["id"] > before]
-            done = [r for r in rows if r["finished"] and not r["error"]]
-            failed = [r for r in rows if r["error"]]
-            if failed:
-                self.notes.append(f"writer {p.name}: {len(failed)} cycles failed: {failed[0]['error'][:200]}")
-            self._add(f"w_on_{p.name}", rate)
-            self._add(f"w_cycles_{p.name}", len(done))
-            self._add(f"w_sent_{p.name}", sum(r["bytes"] for r in done) / MiB)
-            self.log(f"  writer protected {p.name}: {rate:.0f} MiB/s, {len(done)} cycles, "
-                     f"{sum(r['bytes'] for r in done) / MiB:.0f} MiB sent")
-            self._calibrate(p, rep, used)
+            susp_rates, on_rates = [], []
+            for rnd in range(self.write_rounds):
+                pattern = (rep * self.write_rounds + rnd) % 16
+                # Protected but suspended: the dirty bitmap records, no cycle runs.
+                susp = self.write_window(p, 0x50 + pattern)
+                self._add(f"w_susp_{p.name}", susp)
+                self.log(f"  writer protected, suspended {p.name}: {susp:.0f} MiB/s")
+                on, used = self._cycles_window(p, 0x70 + pattern)
+                self.series[f"r_write_adj_{p.name}"].add(on / susp)
+                for key, rate in self._calibrate(p, pattern, used).items():
+                    self.series[f"r_write_load_{key}_{p.name}"].add(rate / susp)
+                susp_rates.append(susp)
+                on_rates.append(on)
+            self._m[f"w_susp_mean_{p.name}"] = statistics.mean(susp_rates)
+            self._m[f"w_on_mean_{p.name}"] = statistics.mean(on_rates)
+
+    def _cycles_window(self, p: WriterProfile, pattern: int) -> tuple[float, dict[str, float]]:
+        """One writer window while the agent runs cycles back to back; its rate
+        and the cores each site's virtsync processes used meanwhile."""
+        # Send what the window before dirtied first: this one starts from a clean bitmap.
+        self.pri.call("mark", domain=VS_DOMAIN, label="bench-sync", timeout=300)
+        before = self._last_cycle_id()
+        self.pri.call("resume", domain=VS_DOMAIN)
+        cpu = self._cpu_by_process()
+        try:
+            rate = self.write_window(p, pattern)
+        finally:
+            self.log(f"  CPU (cores) during the protected {p.name} window: {self._cpu_window(cpu, self.window)}")
+            used = self._cores_since(cpu)
+            self.pri.call("suspend", domain=VS_DOMAIN, timeout=300)
+        rows = [r for r in self.lab.cycles(200) if r["id"] > before]
+        done = [r for r in rows if r["finished"] and not r["error"]]
+        failed = [r for r in rows if r["error"]]
+        if failed:
+            self.notes.append(f"writer {p.name}: {len(failed)} cycles failed: {failed[0]['error'][:200]}")
+        self._add(f"w_on_{p.name}", rate)
+        self._add(f"w_cycles_{p.name}", len(done))
+        self._add(f"w_sent_{p.name}", sum(r["bytes"] for r in done) / MiB)
+        self.log(f"  writer protected {p.name}: {rate:.0f} MiB/s, {len(done)} cycles, "
+                 f"{sum(r['bytes'] for r in done) / MiB:.0f} MiB sent")
+        return rate, used
 
     def _cores_since(self, before: dict[str, float]) -> dict[str, float]:
         """Cores each site's virtsync processes (agent, its children, storage daemon) used since ``before``."""
@@ -483,23 +504,26 @@ class Bench:
         return {site: sum(after[k] - before[k] for k in (f"{site} agent", f"{site} qsd") if k in after and k in before)
                 / self.window for site in ("pri", "sec")}
 
-    def _calibrate(self, p: WriterProfile, rep: int, used: dict[str, float]) -> None:
+    def _calibrate(self, p: WriterProfile, pattern: int, used: dict[str, float]) -> dict[str, float]:
         """The writer beside a synthetic CPU load (``bench.cpu_load``) as large as what
         virtsync's processes used in the protected window: once both sites' share, once
         the primary's only (what the guest's host would carry with the secondary on its
         own host). No I/O, nothing of virtsync: the machine's price for that much CPU."""
         self._add(f"w_cores_pri_{p.name}", used["pri"])
         self._add(f"w_cores_sec_{p.name}", used["sec"])
+        rates = {}
         for key, cores in (("both", used["pri"] + used["sec"]), ("pri", used["pri"])):
             load = cpu_load.start(cores)
             try:
-                rate = self.write_window(p, 0x30 + rep)
+                rate = self.write_window(p, 0x30 + pattern)
             finally:
                 for proc in load:
                     proc.kill()
                     proc.wait()
             self._add(f"w_load_{key}_{p.name}", rate)
+            rates[key] = rate
             self.log(f"  writer {p.name} beside a synthetic load of {cores:.2f} cores ({key}): {rate:.0f} MiB/s")
+        return rates
 
     # -- one repetition ---------------------------------------------------------------
 
@@ -562,11 +586,8 @@ class Bench:
                 s[f"r_inc_vnb_{mode}"].add(m["vnb_inc_s"] / m[f"vs_inc_s_{mode}"])
                 s[f"r_inc_vnb_wall_{mode}"].add(m["vnb_inc_s"] / m[f"vs_inc_wall_s_{mode}"])
         for p in self.profiles:
-            s[f"r_write_{p.name}"].add(m[f"w_on_{p.name}"] / m[f"w_off_{p.name}"])
-            s[f"r_write_susp_{p.name}"].add(m[f"w_susp_{p.name}"] / m[f"w_off_{p.name}"])
-            s[f"r_write_adj_{p.name}"].add(m[f"w_on_{p.name}"] / m[f"w_susp_{p.name}"])
-            for key in ("both", "pri"):
-                s[f"r_write_load_{key}_{p.name}"].add(m[f"w_load_{key}_{p.name}"] / m[f"w_susp_{p.name}"])
+            s[f"r_write_{p.name}"].add(m[f"w_on_mean_{p.name}"] / m[f"w_off_{p.name}"])
+            s[f"r_write_susp_{p.name}"].add(m[f"w_susp_mean_{p.name}"] / m[f"w_off_{p.name}"])
 
     def run(self) -> None:
         for rep in range(self.reps):
