@@ -17,6 +17,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
+import threading
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
@@ -356,3 +357,23 @@ def test_peer_api_good_exchange(env: Env, handlers: dict[str, Any]) -> None:
     assert env.rows()["markers"] == [(UUID, 1)]
     env.run(handlers["remove"]({"uuid": UUID, "keep_replica": False}))
     assert env.files() == []
+
+
+def test_segments_are_hashed_off_the_event_loop(one_marker: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sealing and checking hash whole segments (~0.1 s per 100 MiB): in a worker
+    thread, so the agent's loop keeps serving other domains and peer calls."""
+    threads: list[tuple[str, int]] = []
+
+    def recording(name: str, real: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            threads.append((name, threading.get_ident()))
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(secondary_mod, "file_sha256", recording("hash", secondary_mod.file_sha256))
+    monkeypatch.setattr(secondary_mod, "verify_segment", recording("verify", secondary_mod.verify_segment))
+    one_marker.open(2, "incremental")
+    one_marker.commit(2)
+    assert one_marker.rows()["markers"] == [(UUID, 1), (UUID, 2)]
+    assert {name for name, _ in threads} == {"hash", "verify"}
+    assert all(ident != threading.get_ident() for _, ident in threads), threads
