@@ -427,8 +427,8 @@ class Bench:
                 out[f"{name} qsd"] = sum(cpu_seconds(p) for p in child_pids(agent.proc.pid, "qemu-storage-d"))
         return out
 
-    def _cpu_window(self, before: dict[str, float], seconds: float) -> str:
-        after = self._cpu_by_process()
+    def _cpu_window(self, before: dict[str, float], seconds: float, after: dict[str, float] | None = None) -> str:
+        after = after if after is not None else self._cpu_by_process()
         return ", ".join(f"{k} {(after[k] - v) / seconds:.2f}" for k, v in before.items() if k in after)
 
     def writes_warm_up(self) -> None:
@@ -483,8 +483,9 @@ class Bench:
         try:
             rate = self.write_window(p, pattern)
         finally:
-            self.log(f"  CPU (cores) during the protected {p.name} window: {self._cpu_window(cpu, self.window)}")
-            used = self._cores_since(cpu)
+            after = self._cpu_by_process()
+            self.log(f"  CPU (cores) during the protected {p.name} window: {self._cpu_window(cpu, self.window, after)}")
+            used = self._site_cores(cpu, after)
             self.pri.call("suspend", domain=VS_DOMAIN, timeout=300)
         rows = [r for r in self.lab.cycles(200) if r["id"] > before]
         done = [r for r in rows if r["finished"] and not r["error"]]
@@ -498,9 +499,8 @@ class Bench:
                  f"{sum(r['bytes'] for r in done) / MiB:.0f} MiB sent")
         return rate, used
 
-    def _cores_since(self, before: dict[str, float]) -> dict[str, float]:
-        """Cores each site's virtsync processes (agent, its children, storage daemon) used since ``before``."""
-        after = self._cpu_by_process()
+    def _site_cores(self, before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+        """Cores each site's virtsync processes (agent, its children, storage daemon) used in the window."""
         return {site: sum(after[k] - before[k] for k in (f"{site} agent", f"{site} qsd") if k in after and k in before)
                 / self.window for site in ("pri", "sec")}
 

@@ -482,7 +482,7 @@ class DomainReplicator:
         When they do not fit, the cycle sends straight to the link, as before stages
         existed (after a long outage the dirty set can outgrow any scratch).
         """
-        os.makedirs(self.scratch, mode=0o700, exist_ok=True)
+        self._make_scratch()
         dirty = await self._dirty_counts(gen_name(last))
         need = sum(max(dirty.get(d.target, 0), 0) for d in staged) * 5 // 4 + SCRATCH_MARGIN
         free = shutil.disk_usage(self.scratch).free
@@ -492,15 +492,15 @@ class DomainReplicator:
                          "to the link (guest writes may wait on it)", self.scratch, free >> 20, need >> 20)
         return False
 
-    async def _add_stages(self, disks: list[DiskSpec]) -> None:
-        """A fresh, empty stage per disk: the size of the disk, no backing, flushes ignored
-        (its data is worth nothing once shipped, and is re-sent from the bitmap if lost)."""
-        if not disks:
-            return
+    def _make_scratch(self) -> None:
         os.makedirs(self.scratch, mode=0o700, exist_ok=True)
         if self.stage_owner is not None:
             os.chmod(self.scratch, 0o711)  # QEMU may reach its own stage, nobody may list them
-        for disk in disks:
+
+    async def _add_stages(self, disks: list[DiskSpec]) -> None:
+        """A fresh, empty stage per disk: the size of the disk, no backing, flushes ignored
+        (its data is worth nothing once shipped, and is re-sent from the bitmap if lost)."""
+        for disk in disks:  # in ``scratch``, made by _stages_fit
             path = self._stage_path(disk.target)
             await run_tool("qemu-img", "create", "-q", "-f", "qcow2", path, str(disk.size))
             os.chmod(path, 0o600)  # the guest's data

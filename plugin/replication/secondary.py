@@ -228,7 +228,7 @@ class Secondary:
                     backing = journal.view(target, last.seq)
                     path = journal.segment(target, seq, partial=True)
                     await run_tool("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
-                               os.path.basename(backing), path, str(size))
+                                   os.path.basename(backing), path, str(size))
                 cycle.disks[target] = (pair_id, path)
                 await nodes.blockdev_add(self.qmp, commands.file_node(f"vs-p{pair_id}-f", path))
                 await nodes.blockdev_add(self.qmp, commands.qcow2_node(f"vs-p{pair_id}", f"vs-p{pair_id}-f"))

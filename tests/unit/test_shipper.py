@@ -84,6 +84,7 @@ def test_stages_belong_to_the_guests_qemu(tmp_path: Path) -> None:
     rep = DomainReplicator(store=Store(str(tmp_path / "s.db")), peer=None, qmp=qmp,  # type: ignore[arg-type]
                            uuid="u", domain="d", disks=[], scratch=str(scratch), shipper=qmp,
                            cycle_timeout=1, stall_after=1, stage_owner=nobody)
+    rep._make_scratch()  # as the cycle does, when it checks the room
     asyncio.run(rep._add_stages([DiskSpec("vda", "/x", "qcow2", 1 << 20, "n0")]))
     (stage,) = scratch.iterdir()
     st = stage.stat()
