@@ -28,6 +28,7 @@ from . import keys as keys_mod
 from .config import Config
 from .domain import DiskSpec, PairState, Protection
 from .errors import ConfigError, PluginError, StateConflictError
+from .replication.nbd_servers import PeerServers
 from .replication.primary import CutRefusedError, CycleError, DomainReplicator, resolve_nodes
 from .replication.secondary import Secondary
 from .replication.shipper import NbdTls
@@ -142,9 +143,12 @@ class Agent:
         self.cfg = cfg
         self.store: Store | None = None
         run_dir = os.path.join(cfg.state_dir, "run")
-        self.qsd = StorageDaemon(run_dir, cfg.replication_address, cfg.replication_port,
-                                 tls_dir=os.path.join(run_dir, "nbd-psk") if cfg.tls else None,
-                                 tls_priority=cfg.tls_priority)
+        self.qsd = StorageDaemon(run_dir)  # ships this host's cycles: an NBD client only
+        # NBD servers of the secondary role: one per peer, each knowing that peer's key only.
+        self.nbd = PeerServers(os.path.join(run_dir, "nbd"), cfg.replication_address, cfg.replication_port,
+                               list(cfg.peers), tls_priority=cfg.tls_priority)
+        self._server_psks: dict[str, str] | None = None
+        self._unserved: dict[str, str] = {}
         self.secondary: Secondary | None = None
         # Clients with their TLS contexts are made at start(), from the keys (_setup_links).
         self.peers: dict[str, peer.PeerClient] = {}
@@ -167,8 +171,10 @@ class Agent:
         server_ssl, identify = self._setup_links()
         self.store = Store(self.cfg.db_path)
         os.makedirs(self.cfg.storage, mode=0o700, exist_ok=True)
-        qmp = await self.qsd.start()
-        self.secondary = Secondary(self.cfg, self.store, qmp)
+        await self.qsd.start()
+        self.nbd.configure(self._server_psks, self._unserved)
+        await self.nbd.start()
+        self.secondary = Secondary(self.cfg, self.store, self.nbd)
         await self.secondary.recover()
         app = peer.make_app(self._peer_handlers(), identify)
         self._runners.append(await peer.start_server(app, self.cfg.listen_host, self.cfg.listen_port, server_ssl))
@@ -187,8 +193,8 @@ class Agent:
         self._runners.append(await ipc.serve(self.cfg.socket, self.handle, mode=0o660,
                                              group=self._socket_group()))
         self._replay_spool()
-        log.info("virtsyncd %s ready: peers API on %s:%s, NBD on %s:%s", self.cfg.name, self.cfg.listen_host,
-                 self.cfg.listen_port, self.cfg.replication_address, self.cfg.replication_port)
+        log.info("virtsyncd %s ready: peers API on %s:%s, NBD for %s", self.cfg.name, self.cfg.listen_host,
+                 self.cfg.listen_port, self.nbd.describe())
 
     def _setup_links(self) -> tuple[ssl.SSLContext | None, peer.Identify]:
         """Peer clients, the peer API's server context and caller identification, and the
@@ -211,6 +217,7 @@ class Agent:
                 keys = kd.peer(name)
             except keys_mod.KeyFileError as e:
                 log.error("peer %s cannot be used: %s", name, e)
+                self._unserved[name] = str(e)
                 self.peers[name] = peer.PeerClient(spec, None, unusable=str(e))
                 continue
             if keys.cert_fingerprint in pins:
@@ -222,8 +229,7 @@ class Agent:
             self.peers[name] = peer.PeerClient(spec, peer.client_context(kd.cert_path, kd.key_path, keys.cert_pem))
             self._nbd_tls[name] = NbdTls(keys.psk_dir, self.cfg.name, self.cfg.tls_priority)
             log.info("peer %s: certificate %s pinned", name, keys.cert_fingerprint)
-        assert self.qsd.tls_dir is not None
-        keys_mod.write_server_psk(self.qsd.tls_dir, psks)
+        self._server_psks = psks
         return peer.server_context(kd.cert_path, kd.key_path, pinned), peer.tls_identity(pins)
 
     def _link_tls(self, peer_name: str) -> NbdTls | None:
@@ -276,6 +282,7 @@ class Agent:
                 await runner.cleanup()
         for client in self.peers.values():
             await client.close()
+        await self.nbd.stop()
         await self.qsd.stop()
         if self.conn is not None:
             await close_connection(self.conn)

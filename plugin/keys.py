@@ -12,9 +12,9 @@ Everything lives in ``[agent] keys_dir`` (default ``/etc/virtsync/keys``)::
 ``<peer>/`` is, as it stands, the ``dir`` of the ``tls-creds-psk`` client object the primary adds
 to its QEMU: QEMU reads ``keys.psk`` itself (under libvirt it runs as ``libvirt-qemu``, hence the
 group), so the key is never on a command line, in QMP or in a log. The peer keeps the same key
-under its own name in ``keys_dir/<this host>/keys.psk``. The secondary's qemu-storage-daemon
-reads a file of ``<peer>:<key>`` lines, one per peer, that the agent writes at start into its
-run directory (0700): :func:`write_server_psk`.
+under its own name in ``keys_dir/<this host>/keys.psk``. The secondary runs one NBD server
+(qemu-storage-daemon) per peer; each reads a file holding that one peer's ``<peer>:<key>`` line,
+which the agent writes at start into the daemon's run directory (0700): :func:`write_server_psk`.
 
 Setting up a pair, hosts ``pri`` and ``dr1`` (both agents read their names from the config)::
 

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import shutil
 import time
 import uuid as uuidlib
@@ -39,6 +40,7 @@ from ..errors import JournalCorruptError, JournalError, PluginError, StateConfli
 from ..faults import fault_point
 from ..state import Store
 from .journal import JournalDir, file_sha256, fsync_path, record_crc, verify_record, verify_segment
+from .nbd_servers import NbdServers, OneServer
 from .tools import run_tool
 
 log = logging.getLogger("virtsync.secondary")
@@ -63,6 +65,7 @@ class JournalFullError(JournalError):
 class OpenCycle:
     seq: int
     kind: str
+    qmp: QmpTransport  # the owner's NBD server daemon, where the exports are
     # target -> (pair id, image path being written)
     disks: dict[str, tuple[int, str]] = field(default_factory=dict)
 
@@ -91,10 +94,12 @@ def check_target(value: object) -> str:
 class Secondary:
     """Serves the peer API's replica operations and the local journal commands."""
 
-    def __init__(self, cfg: Config, store: Store, qmp: QmpTransport) -> None:
+    def __init__(self, cfg: Config, store: Store, servers: NbdServers | QmpTransport) -> None:
+        """:param servers: the NBD server of each peer (:mod:`.nbd_servers`); one daemon's QMP
+            serves every peer on ``replication.port`` (tests)"""
         self.cfg = cfg
         self.store = store
-        self.qmp = qmp
+        self.servers = servers if isinstance(servers, NbdServers) else OneServer(servers, cfg.replication_port)
         self._open: dict[str, OpenCycle] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._pins: dict[str, int] = {}  # restores in progress: no folding meanwhile
@@ -211,7 +216,9 @@ class Secondary:
             await self._close_open(uuid, discard=True)
             await self._enforce_space(uuid)
             journal = self.journal(uuid)
-            cycle = OpenCycle(seq, kind)
+            # Only the owner's daemon: its server knows no other peer's key.
+            qmp, port = self.servers.server(prot["peer"])
+            cycle = OpenCycle(seq, kind, qmp)
             self._open[uuid] = cycle
             exports = {}
             for target in wanted:
@@ -230,11 +237,13 @@ class Secondary:
                     await run_tool("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
                                    os.path.basename(backing), path, str(size))
                 cycle.disks[target] = (pair_id, path)
-                await nodes.blockdev_add(self.qmp, commands.file_node(f"vs-p{pair_id}-f", path))
-                await nodes.blockdev_add(self.qmp, commands.qcow2_node(f"vs-p{pair_id}", f"vs-p{pair_id}-f"))
-                exports[target] = await nodes.export_add(self.qmp, f"vs-e{pair_id}", f"vs-p{pair_id}",
-                                                         name=f"{uuid}-{target}", writable=True)
-            return {"host": self.cfg.replication_address, "port": self.cfg.replication_port, "exports": exports}
+                await nodes.blockdev_add(qmp, commands.file_node(f"vs-p{pair_id}-f", path))
+                await nodes.blockdev_add(qmp, commands.qcow2_node(f"vs-p{pair_id}", f"vs-p{pair_id}-f"))
+                # Not guessable, and new every cycle: a name seen once opens nothing later.
+                exports[target] = await nodes.export_add(qmp, f"vs-e{pair_id}", f"vs-p{pair_id}",
+                                                         name=f"{uuid}-{target}-{secrets.token_hex(16)}",
+                                                         writable=True)
+            return {"host": self.cfg.replication_address, "port": port, "exports": exports}
 
     async def commit_cycle(self, uuid: str, seq: int, cut_time: float, nbytes: Mapping[str, int],
                            label: str = "", apply: bool = True) -> dict[str, Any]:
@@ -547,9 +556,9 @@ class Secondary:
             return
         for _, (pair_id, path) in cycle.disks.items():
             with contextlib.suppress(BlockdevError):
-                await nodes.export_del(self.qmp, f"vs-e{pair_id}", force=discard)
+                await nodes.export_del(cycle.qmp, f"vs-e{pair_id}", force=discard)
             for node in (f"vs-p{pair_id}", f"vs-p{pair_id}-f"):
-                await nodes.blockdev_del(self.qmp, node, missing_ok=True)
+                await nodes.blockdev_del(cycle.qmp, node, missing_ok=True)
             if discard and path.endswith(".partial"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)

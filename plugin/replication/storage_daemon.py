@@ -1,6 +1,8 @@
-"""The secondary's qemu-storage-daemon: one per agent, NBD server on the
+"""A qemu-storage-daemon owned by the agent: the one that ships the primary's
+cycles (an NBD client only), and one per peer that serves NBD exports of that
+peer's replicas (:mod:`.nbd_servers`). A serving daemon listens on the
 replication address only, with TLS (a ``tls-creds-psk`` server object whose
-``keys.psk`` holds one ``<peer>:<key>`` line per peer) unless every peer is
+``keys.psk`` holds the one peer's ``<peer>:<key>`` line) unless every peer is
 explicitly plain. The object is added over QMP, not on the command line; it
 names only a directory, so no key is ever visible in ``ps`` or QMP."""
 
@@ -48,15 +50,17 @@ class StorageDaemonError(PluginError):
 class StorageDaemon:
     """Owns one qemu-storage-daemon process and its QMP connection."""
 
-    def __init__(self, run_dir: str, address: str, port: int, *, tls_dir: str | None = None,
-                 tls_priority: str | None = None) -> None:
-        """:param tls_dir: directory of the server's ``keys.psk``; None serves plain NBD
+    def __init__(self, run_dir: str, address: str | None = None, port: int | None = None, *,
+                 tls_dir: str | None = None, tls_priority: str | None = None, name: str = "vs-qsd") -> None:
+        """:param address: where its NBD server listens; None runs no NBD server
+        :param tls_dir: directory of the server's ``keys.psk``; None serves plain NBD
             (only for peers set ``insecure_plain``)"""
         self.run_dir = run_dir
         self.address = address
         self.port = port
         self.tls_dir = tls_dir
         self.tls_priority = tls_priority
+        self.name = name
         self.qmp: QmpSocketTransport | None = None
         self._proc: asyncio.subprocess.Process | None = None
 
@@ -79,15 +83,18 @@ class StorageDaemon:
                 stderr=log_file, preexec_fn=_prepare_child, env={**os.environ, **MALLOC_ENV})
         finally:
             log_file.close()
-        self.qmp = QmpSocketTransport(self.qmp_path, name="vs-qsd")
+        self.qmp = QmpSocketTransport(self.qmp_path, name=self.name)
         await self.qmp.connect(timeout=10)
         os.chmod(self.qmp_path, 0o600)
+        if self.address is None or self.port is None:
+            log.info("qemu-storage-daemon %s pid %s (no NBD server)", self.name, self._proc.pid)
+            return self.qmp
         tls_creds = None
         if self.tls_dir is not None:
             tls_creds = await nodes.object_add(self.qmp, commands.tls_creds_psk_args(
                 TLS_OBJECT, endpoint="server", dir=self.tls_dir, priority=self.tls_priority))
         await nodes.nbd_server_start(self.qmp, host=self.address, port=self.port, tls_creds=tls_creds)
-        log.info("qemu-storage-daemon pid %s serving NBD%s on %s:%s", self._proc.pid,
+        log.info("qemu-storage-daemon %s pid %s serving NBD%s on %s:%s", self.name, self._proc.pid,
                  " with TLS (PSK)" if tls_creds else " in plain text (insecure_plain)", self.address, self.port)
         return self.qmp
 

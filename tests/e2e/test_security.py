@@ -133,13 +133,13 @@ def test_tls_keeps_strangers_out(site: Site, tmp_path: Path, capsys: pytest.Capt
     uuid = pri.virsh("domuuid", DOMAIN).strip()
 
     # The local socket is 0660 for the libvirt group; state and keys are private.
-    for agent in (site.pri, site.sec):
+    for agent, other in ((site.pri, "sec"), (site.sec, "pri")):
         st = os.stat(agent.socket)
         assert stat.S_IMODE(st.st_mode) == 0o660
         with contextlib.suppress(KeyError):
             assert st.st_gid == grp.getgrnam("libvirt").gr_gid
         assert stat.S_IMODE(os.stat(agent.dir / "state").st_mode) == 0o700
-        assert stat.S_IMODE(os.stat(agent.dir / "state" / "run" / "nbd-psk" / "keys.psk").st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(agent.dir / "state" / "run" / "nbd" / other / "psk" / "keys.psk").st_mode) == 0o600
         assert stat.S_IMODE(os.stat(agent.keys_dir / "agent.key").st_mode) == 0o600
 
     # Nothing of ours listens on a wildcard address, on either host.

@@ -14,6 +14,7 @@ from plugin.config import Config
 from plugin.daemon import Agent
 from plugin.domain import PeerSpec
 from plugin.keys import KeyFileError, KeysDir
+from plugin.replication.storage_daemon import StorageDaemonError
 
 needs_openssl = pytest.mark.skipif(not keys.shutil.which("openssl"), reason="needs the openssl CLI")
 
@@ -55,17 +56,24 @@ def test_links_from_keys(tmp_path: Path) -> None:
     assert agent._link_tls("sec").dir == kd.peer_dir("sec") and agent._link_tls("sec").username == "pri"
     with pytest.raises(KeyFileError, match="dr2"):
         agent._link_tls("dr2")
-    psk_dir = Path(agent.qsd.tls_dir or "")
+    # One NBD server per usable peer, knowing that peer's key only; none for dr2, with the reason.
+    agent.nbd.configure(agent._server_psks, agent._unserved)
+    assert sorted(agent.nbd.daemons) == ["sec"]
+    psk_dir = Path(agent.nbd.daemons["sec"].tls_dir or "")
     assert (psk_dir / "keys.psk").read_text() == f"sec:{kd.peer_psk('sec')}\n"
     assert stat.S_IMODE(os.stat(psk_dir).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(psk_dir / "keys.psk").st_mode) == 0o600
+    with pytest.raises(StorageDaemonError, match="no NBD server for peer dr2: no certificate pinned"):
+        agent.nbd.server("dr2")
 
 
 def test_plain_only_by_explicit_setting(tmp_path: Path) -> None:
     plain = {"sec": PeerSpec("sec", "127.0.0.2", 8441, insecure_plain=True)}
     agent = Agent(cfg(tmp_path, peers=plain))
     server_ctx, _ = agent._setup_links()
-    assert server_ctx is None and agent.qsd.tls_dir is None
+    assert server_ctx is None
+    agent.nbd.configure(agent._server_psks, agent._unserved)
+    assert [d.tls_dir for d in agent.nbd.daemons.values()] == [None]
     assert agent.peers["sec"].ssl_context is None and agent.peers["sec"].base.startswith("http://")
     assert agent._link_tls("sec") is None
 
