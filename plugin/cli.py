@@ -363,6 +363,21 @@ class _DomainCommand(Command):
         return [f"{one_line(args.domain)}: {self.done}"]
 
 
+class _ReplicaCommand(_DomainCommand):
+    """A command on a domain's replica kept here: ``--from PEER`` picks one where peers share a name."""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        super().add_arguments(parser)
+        parser.add_argument("--from", dest="from_peer", metavar="PEER", type=_name("peer"),
+                            help="the peer whose replica is meant, where replicas of several peers share the name")
+
+    def request_args(self, args: argparse.Namespace) -> dict[str, Any]:
+        request = super().request_args(args)
+        if args.from_peer is not None:
+            request["from"] = args.from_peer
+        return request
+
+
 PAIR_HEADERS = ("DOMAIN", "TARGET", "PEER", "STATE", "LAG", "BEHIND", "MARKER", "RATE")
 
 
@@ -534,7 +549,7 @@ class MarkCommand(_DomainCommand):
                 + how]
 
 
-class MarkersCommand(_DomainCommand):
+class MarkersCommand(_ReplicaCommand):
     name = "markers"
     help = "a domain's committed markers (points in time on the secondary)"
 
@@ -574,7 +589,7 @@ def _journal_line(result: object, args: argparse.Namespace) -> list[str]:
     return lines
 
 
-class ApplyCommand(_DomainCommand):
+class ApplyCommand(_ReplicaCommand):
     name = "apply"
     help = "on the secondary: apply journaled markers to the replica (up to --until)"
 
@@ -584,7 +599,7 @@ class ApplyCommand(_DomainCommand):
                             help="apply exactly up to this marker, past holds and --no-apply markers")
 
     def request_args(self, args: argparse.Namespace) -> dict[str, Any]:
-        return {"domain": args.domain, "until": args.until}
+        return {**super().request_args(args), "until": args.until}
 
     def render(self, result: object, args: argparse.Namespace) -> list[str]:
         return _journal_line(result, args) if isinstance(result, dict) else super().render(result, args)
@@ -595,10 +610,10 @@ class HoldCommand(ApplyCommand):
     help = "on the secondary: stop applying markers (the journal keeps growing)"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        _DomainCommand.add_arguments(self, parser)
+        _ReplicaCommand.add_arguments(self, parser)
 
     def request_args(self, args: argparse.Namespace) -> dict[str, Any]:
-        return {"domain": args.domain}
+        return _ReplicaCommand.request_args(self, args)
 
 
 class ReleaseCommand(HoldCommand):
@@ -606,7 +621,7 @@ class ReleaseCommand(HoldCommand):
     help = "on the secondary: apply markers again"
 
 
-class RestoreCommand(_DomainCommand):
+class RestoreCommand(_ReplicaCommand):
     name = "restore"
     help = "on the secondary: write each disk as of a retained marker to a directory"
 
@@ -616,7 +631,7 @@ class RestoreCommand(_DomainCommand):
         parser.add_argument("--to", metavar="DIR", required=True, help="an empty or new directory (absolute path)")
 
     def request_args(self, args: argparse.Namespace) -> dict[str, Any]:
-        return {"domain": args.domain, "marker": args.marker, "to": os.path.abspath(args.to)}
+        return {**super().request_args(args), "marker": args.marker, "to": os.path.abspath(args.to)}
 
     def render(self, result: object, args: argparse.Namespace) -> list[str]:
         disks = _field(result, "disks")

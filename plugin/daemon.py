@@ -731,8 +731,10 @@ class Agent:
         """Markers of a domain: read locally on the secondary, from the peer on the primary."""
         name = arg(args, "domain", str)
         try:
-            uuid = self._sec().find(name)
+            uuid = self._sec().find(name, arg(args, "from", str, None))
         except StateConflictError:
+            if args.get("from") is not None:
+                raise
             p = self._find(name)
             prot = self._store().protection(p.uuid, PRIMARY)
             assert prot is not None
@@ -740,9 +742,10 @@ class Agent:
         return self._sec().info(uuid)
 
     def _replica(self, args: dict[str, Any]) -> str:
+        """The replica a local command names: ``domain`` (name or uuid), ``from`` (its peer) if ambiguous."""
         name = arg(args, "domain", str)
         try:
-            return self._sec().find(name)
+            return self._sec().find(name, arg(args, "from", str, None))
         except StateConflictError:
             if any(p.name == name for p in self.protected.values()):
                 prot = self._store().protection(self._find(name).uuid, PRIMARY)

@@ -36,21 +36,25 @@ from qemu_blockdev.transport import QmpTransport
 
 from ..config import Config
 from ..domain import Marker, PairState, Protection
-from ..errors import JournalCorruptError, JournalError, PluginError, StateConflictError
+from ..errors import JournalCorruptError, JournalError, StateConflictError
 from ..faults import fault_point
 from ..state import Store
 from .journal import JournalDir, file_sha256, fsync_path, record_crc, verify_record, verify_segment
+from .limits import PeerRequestError as PeerRequestError  # its home was here: callers import it from here
+from .limits import (
+    check_disk_count,
+    check_disk_size,
+    check_domain_name,
+    check_name_free,
+    check_room,
+    free_bytes,
+    pick_replica,
+)
 from .nbd_servers import NbdServers, OneServer
 from .tools import run_tool
 
 log = logging.getLogger("virtsync.secondary")
 ROLE = "secondary"
-
-
-class PeerRequestError(PluginError):
-    """A peer asked for something this host will not do (bad or stale request)."""
-
-    exit_code = 2
 
 
 class PeerForbiddenError(PeerRequestError):
@@ -102,6 +106,7 @@ class Secondary:
         self.servers = servers if isinstance(servers, NbdServers) else OneServer(servers, cfg.replication_port)
         self._open: dict[str, OpenCycle] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._names = asyncio.Lock()  # a name is checked free and taken in one step
         self._pins: dict[str, int] = {}  # restores in progress: no folding meanwhile
         self.damage: dict[str, str] = {}  # uuid -> why the journal stops there
 
@@ -129,13 +134,17 @@ class Secondary:
             raise PeerForbiddenError(f"peer {caller} may not act on the replica of {prot['domain']}: "
                                      f"it belongs to {prot['peer']}")
 
-    def find(self, name: str) -> str:
-        """The uuid of the replica of domain ``name`` kept here."""
-        for prot in self.store.protections(ROLE):
-            if prot["domain"] == name or prot["domain_uuid"] == name:
-                return str(prot["domain_uuid"])
-        raise StateConflictError(f"no replica of domain {name!r} on this host", state="absent",
-                                 required="replica")
+    def find(self, name: str, peer: str | None = None) -> str:
+        """The uuid of the replica of domain ``name`` (or uuid) kept here, from ``peer`` if given.
+
+        :raise AmbiguousNameError: several replicas have that name
+        """
+        prot = pick_replica(name, self.store.protections(ROLE), peer)
+        if prot is None:
+            source = f" from peer {peer}" if peer is not None else ""
+            raise StateConflictError(f"no replica of domain {name!r:.80}{source} on this host", state="absent",
+                                     required="replica")
+        return str(prot["domain_uuid"])
 
     # -- recovery -------------------------------------------------------------
 
@@ -164,13 +173,12 @@ class Secondary:
                       protection: Mapping[str, Any]) -> dict[str, Any]:
         """Create (or check) the replica images for a domain's disks."""
         uuid = check_uuid(uuid)
+        domain = check_domain_name(domain)
+        check_disk_count(disks)
         checked = []
         for disk in disks:
             target = check_target(disk.get("target"))
-            size = disk.get("size")
-            if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= 1 << 50:
-                raise PeerRequestError(f"disk {target}: bad size {size!r:.30}")
-            checked.append((target, size))
+            checked.append((target, check_disk_size(target, disk.get("size"))))
         if not checked or len({t for t, _ in checked}) != len(checked):
             raise PeerRequestError("prepare needs distinct disk targets")
         try:  # checked before anything is created: a refused prepare leaves nothing behind
@@ -178,9 +186,14 @@ class Secondary:
                               rpo=int(protection.get("rpo", 300)), mode=str(protection.get("mode", "async")))
         except (TypeError, ValueError) as e:
             raise PeerRequestError(f"bad protection: {e}") from None
-        async with self._lock(uuid):
+        async with self._names, self._lock(uuid):
             self.authorize(uuid, primary)  # again under the lock: another peer may have won the race
+            check_name_free(domain, uuid, primary, self.store.protections(ROLE))
             journal = self.journal(uuid)
+            new = {t: s for t, s in checked if not os.path.exists(journal.base(t))}
+            if new:
+                os.makedirs(self.cfg.storage, mode=0o700, exist_ok=True)
+                check_room(new, free_bytes(self.cfg.storage))
             os.makedirs(journal.root, mode=0o700, exist_ok=True)
             for target, size in checked:
                 if not os.path.exists(journal.base(target)):
@@ -223,9 +236,11 @@ class Secondary:
             exports = {}
             for target in wanted:
                 pair_id = self.store.pair_id(uuid, ROLE, target)
-                size = (sizes or {}).get(target, known[target].size)
-                if not isinstance(size, int) or isinstance(size, bool) or not known[target].size <= size <= 1 << 50:
+                size = check_disk_size(target, (sizes or {}).get(target, known[target].size))
+                if size < known[target].size:
                     raise PeerRequestError(f"disk {target}: bad size {size!r:.30} (replica is {known[target].size})")
+                if size > known[target].size:
+                    check_room({target: size - known[target].size}, free_bytes(self.cfg.storage))
                 if size != known[target].size:
                     self.store.upsert_pair(uuid, ROLE, prot["domain"], target, prot["peer"], size, PairState.ACTIVE)
                     self.store.audit("replica-resized", uuid, target=target, size=size)
