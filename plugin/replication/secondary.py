@@ -108,6 +108,7 @@ class Secondary:
         self._locks: dict[str, asyncio.Lock] = {}
         self._names = asyncio.Lock()  # a name is checked free and taken in one step
         self._pins: dict[str, int] = {}  # restores in progress: no folding meanwhile
+        self._expiry: dict[str, asyncio.Task[None]] = {}  # closes a cycle its primary abandoned
         self.damage: dict[str, str] = {}  # uuid -> why the journal stops there
 
     def _lock(self, uuid: str) -> asyncio.Lock:
@@ -258,6 +259,7 @@ class Secondary:
                 exports[target] = await nodes.export_add(qmp, f"vs-e{pair_id}", f"vs-p{pair_id}",
                                                          name=f"{uuid}-{target}-{secrets.token_hex(16)}",
                                                          writable=True)
+            self._expire_later(uuid, cycle)
             return {"host": self.cfg.replication_address, "port": port, "exports": exports}
 
     async def commit_cycle(self, uuid: str, seq: int, cut_time: float, nbytes: Mapping[str, int],
@@ -564,9 +566,25 @@ class Secondary:
 
     # -- internals ------------------------------------------------------------
 
+    def _expire_later(self, uuid: str, cycle: OpenCycle) -> None:
+        """Exports live only while their cycle runs: one its primary abandoned (a crash, a cut
+        link) is discarded after twice the cycle timeout, by when any primary gave it up."""
+        async def expire() -> None:
+            await asyncio.sleep(2 * self.cfg.cycle_timeout)
+            async with self._lock(uuid):
+                if self._open.get(uuid) is cycle:
+                    log.warning("%s: cycle %d abandoned by its primary: exports closed, segment discarded",
+                                uuid, cycle.seq)
+                    await self._close_open(uuid, discard=True)
+
+        self._expiry[uuid] = asyncio.create_task(expire(), name=f"vs-expire-{uuid}")
+
     async def _close_open(self, uuid: str, *, discard: bool) -> None:
         """Remove a cycle's exports and nodes (closing flushes the images)."""
         cycle = self._open.pop(uuid, None)
+        expiry = self._expiry.pop(uuid, None)
+        if expiry is not None and expiry is not asyncio.current_task():
+            expiry.cancel()
         if cycle is None:
             return
         for _, (pair_id, path) in cycle.disks.items():

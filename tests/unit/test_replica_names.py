@@ -10,6 +10,7 @@ no trace, and local commands on an ambiguous name say so in one line and take
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import string
 from contextlib import redirect_stderr, redirect_stdout
@@ -256,3 +257,26 @@ def test_cli_checks_the_peer_name() -> None:
 def test_cli_from_takes_peer_names(peer: str) -> None:
     args = cli.build_parser().parse_args(["markers", "vsq", f"--from={peer}"])
     assert args.from_peer == peer
+
+
+# -- an abandoned cycle does not keep its exports ------------------------------------------
+
+def test_a_cycle_its_primary_abandoned_closes_by_itself(env: Env) -> None:
+    env.sec.cfg = dataclasses.replace(env.cfg, cycle_timeout=0.05)
+    env.run(env.sec.prepare(UUID, "web", "pri", DISKS, PROTECTION))
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        await env.sec.open_cycle(UUID, 1, "full", ["vda", "vdb"])
+        await env.sec.commit_cycle(UUID, 1, 1001.0, {"vda": 0, "vdb": 0})
+        committed = env.qmp.commands()
+        await asyncio.sleep(0.3)   # the committed cycle's timer was cancelled: nothing more is sent
+        assert env.qmp.commands() == committed
+        await env.sec.open_cycle(UUID, 2, "incremental", ["vda", "vdb"])   # ... and its primary goes away
+        await asyncio.wait_for(env.sec._expiry[UUID], 30)
+        return committed, env.qmp.commands()[len(committed):]
+
+    committed, after = env.run(scenario())
+    assert UUID not in env.sec._open
+    assert after.count("block-export-add") == 2 and after.count("block-export-del") == 2
+    assert not [f for f in env.files() if f.endswith(".partial")]
+    assert env.rows()["markers"] == [(UUID, 1)]
