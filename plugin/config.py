@@ -13,7 +13,7 @@
 
     [replication]                     # replicas this host keeps for its peers
     address = "10.250.0.1"            # NBD server (data path)
-    port = 10809
+    port = 10809                      # one NBD server per peer: peers in name order take port, port + 1, ...
     storage = "/var/lib/virtsync/replicas"
     scratch = "/var/lib/virtsync/scratch"  # each cycle's dirty blocks wait here before crossing the link:
                                       # local disk, QEMU must be able to create files there
@@ -30,8 +30,8 @@
     # insecure_plain = true           # plain HTTP and NBD with this peer: isolated networks only
 
 Links with peers use TLS unless a peer says ``insecure_plain = true``; this
-host runs one peer API port and one NBD server, so either every peer is plain
-or none is.
+host runs one peer API port and one NBD key setting, so either every peer is
+plain or none is.
 
 Every error is a :class:`ConfigError` naming the file and the key.
 """
