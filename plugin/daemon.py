@@ -28,6 +28,7 @@ from . import keys as keys_mod
 from .config import Config
 from .domain import DiskSpec, PairState, Protection
 from .errors import ConfigError, PluginError, StateConflictError
+from .replication.limits import label_problem
 from .replication.nbd_servers import PeerServers
 from .replication.primary import CutRefusedError, CycleError, DomainReplicator, resolve_nodes
 from .replication.secondary import Secondary
@@ -709,12 +710,15 @@ class Agent:
         return {"domain": p.name, "state": PairState.ACTIVE.value}
 
     async def op_mark(self, args: dict[str, Any]) -> Any:
+        label = arg(args, "label", str, "")
+        if (problem := label_problem(label)) is not None:   # before any cycle is cut for it
+            raise UsageError(problem)
         p = self._find(arg(args, "domain", str))
         quiesce = arg(args, "quiesce", bool, False)
         crash_ok = arg(args, "crash_consistent_ok", bool, False)
         if crash_ok and not quiesce:
             raise UsageError("--crash-consistent-ok only goes with --quiesce")
-        req = MarkRequest(arg(args, "label", str, ""), not arg(args, "no_apply", bool, False),
+        req = MarkRequest(label, not arg(args, "no_apply", bool, False),
                           asyncio.get_running_loop().create_future(), quiesce=quiesce, crash_consistent_ok=crash_ok)
         if p.task is None or p.task.done():
             raise StateConflictError(f"replication of {p.name} is not running", state="stopped", required="running")

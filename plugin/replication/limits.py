@@ -19,6 +19,7 @@ __all__ = [
     "MAX_DISKS",
     "MAX_DISK_SIZE",
     "MAX_DOMAIN_NAME",
+    "MAX_LABEL",
     "AmbiguousNameError",
     "PeerRequestError",
     "check_disk_count",
@@ -28,11 +29,14 @@ __all__ = [
     "check_room",
     "free_bytes",
     "human_size",
+    "label_problem",
     "pick_replica",
 ]
 
 #: libvirt's domain names kept file-name sized; the CLI takes the same (``cli.MAX_NAME``).
 MAX_DOMAIN_NAME = 255
+#: A marker's label, as the secondary records it.
+MAX_LABEL = 128
 #: More disks than any domain here would have; each is an export, a node pair and a file per cycle.
 MAX_DISKS = 64
 #: Above what a qcow2 with 64 KiB clusters can address usefully; a peer asking more is wrong.
@@ -73,6 +77,14 @@ def check_domain_name(value: object) -> str:
     if not value.isprintable() or "/" in value:
         raise PeerRequestError(f"domain name {value!r:.60} must be printable characters without '/'")
     return value
+
+
+def label_problem(label: str) -> str | None:
+    """Why the secondary would refuse ``label`` as a marker's label, or None: checked
+    before a cycle is cut, so a refused label costs no cycle."""
+    if len(label) > MAX_LABEL or not label.isprintable():
+        return f"label {label!r:.40} refused: a label is at most {MAX_LABEL} printable characters"
+    return None
 
 
 def free_bytes(path: str) -> int:

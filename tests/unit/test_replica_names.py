@@ -28,6 +28,7 @@ from plugin.errors import StateConflictError
 from plugin.replication import limits
 from plugin.replication import secondary as secondary_mod
 from plugin.replication.limits import AmbiguousNameError, PeerRequestError
+from plugin.requests import UsageError
 from tests.unit.test_secondary_requests import DISKS, OTHER, PROTECTION, UUID, Env
 
 MiB = 1 << 20
@@ -280,3 +281,26 @@ def test_a_cycle_its_primary_abandoned_closes_by_itself(env: Env) -> None:
     assert after.count("block-export-add") == 2 and after.count("block-export-del") == 2
     assert not [f for f in env.files() if f.endswith(".partial")]
     assert env.rows()["markers"] == [(UUID, 1)]
+
+
+# -- a mark's label is checked before a cycle is cut ---------------------------------------
+
+@given(st.text(max_size=200))
+def test_label_rule_is_the_secondarys(label: str) -> None:
+    problem = limits.label_problem(label)
+    try:
+        secondary_mod._check_marker_fields(label, 1.0)
+        refused_there = False
+    except PeerRequestError:
+        refused_there = True
+    assert (problem is not None) == refused_there
+    if problem is not None:
+        one_line(problem)
+
+
+@pytest.mark.parametrize("label", ["x" * 129, "a\nb", "\x00", "tab\there"])
+def test_a_raw_mark_with_a_bad_label_is_refused_before_any_cycle(env: Env, label: str) -> None:
+    agent = Agent(env.cfg)
+    with pytest.raises(UsageError, match="a label is at most 128 printable characters") as info:
+        asyncio.run(agent.handle("mark", {"domain": "vsq", "label": label}))
+    one_line(str(info.value))
