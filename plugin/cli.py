@@ -412,9 +412,9 @@ class StatusCommand(Command):
         lines = [f"host: {_cell(result.get('host'))}", "peers:"]
         peers = _dicts(result.get("peers"))
         if peers:
-            lines += table(("NAME", "ADDRESS", "REACHABLE"),
-                           [[_cell(p.get("name")), _cell(p.get("address")), _cell(bool(p.get("reachable")))]
-                            for p in peers], "  ")
+            lines += table(("NAME", "ADDRESS", "REACHABLE", "NBD SERVER"),
+                           [[_cell(p.get("name")), _cell(p.get("address")), _cell(bool(p.get("reachable"))),
+                             _cell(p.get("nbd_server")) if p.get("nbd_server") else "-"] for p in peers], "  ")
         else:
             lines.append("  (none)")
         lines.append("domains:")

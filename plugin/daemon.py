@@ -817,7 +817,9 @@ class Agent:
                 ok = True
             except PluginError:
                 ok = False
-            peers.append({"name": name, "address": f"{client.spec.address}:{client.spec.port}", "reachable": ok})
+            served = name in self.nbd.daemons   # the NBD server for that peer's replicas kept here
+            peers.append({"name": name, "address": f"{client.spec.address}:{client.spec.port}", "reachable": ok,
+                          "nbd_server": f"{self.nbd.address}:{self.nbd.ports[name]}" if served else None})
         doms = []
         for prot in self._store().protections(PRIMARY):
             pairs = self._pairs_json(prot["domain_uuid"])

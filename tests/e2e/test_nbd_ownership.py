@@ -132,6 +132,8 @@ def test_a_peer_reaches_only_its_own_exports_and_only_in_a_cycle(
         uuid = pri.virsh("domuuid", DOMAIN).strip()
         ports = {"evil": NBD_PORT, "pri": NBD_PORT + 1}   # dr's peers by name
         as_pri, as_evil = Nbd(agents["pri"], dr.address), Nbd(agents["evil"], dr.address)
+        status = {p["name"]: p["nbd_server"] for p in agents["dr"].call("status")["peers"]}
+        assert status == {name: f"{dr.address}:{port}" for name, port in ports.items()}
 
         seq = peer_call(agents["pri"], "dr", "info", {"uuid": uuid})["result"]["last_marker"] + 1
         cycle = peer_call(agents["pri"], "dr", "open_cycle",

@@ -30,7 +30,8 @@ PAIRS = {"pairs": [
      "bytes_total": 4 << 30},
 ]}
 STATUS = {"host": "node1",
-          "peers": [{"name": "dr1", "address": "10.0.0.2:8443", "reachable": True},
+          "peers": [{"name": "dr1", "address": "10.0.0.2:8443", "reachable": True,
+                     "nbd_server": "10.0.0.1:10809"},
                     {"name": "dr2", "address": "10.0.0.3:8443", "reachable": False}],
           "domains": [{"domain": "web1", "peer": "dr1", "state": "active", "lag_seconds": 12.5, "rpo": 300,
                        "last_marker": 17},
@@ -258,9 +259,9 @@ def test_status_text(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None
     assert code == 0
     lines = out.splitlines()
     assert lines[0] == "host: node1"
-    assert lines[2].split() == ["NAME", "ADDRESS", "REACHABLE"]
-    assert lines[3].split() == ["dr1", "10.0.0.2:8443", "yes"]
-    assert lines[4].split() == ["dr2", "10.0.0.3:8443", "no"]
+    assert lines[2].split() == ["NAME", "ADDRESS", "REACHABLE", "NBD", "SERVER"]
+    assert lines[3].split() == ["dr1", "10.0.0.2:8443", "yes", "10.0.0.1:10809"]
+    assert lines[4].split() == ["dr2", "10.0.0.3:8443", "no", "-"]
     assert lines[5] == "domains:"
     assert lines[6].split() == ["DOMAIN", "PEER", "STATE", "LAG", "RPO", "MARKER"]
     assert "12.5 s" in lines[7] and "5m00s" in lines[7]
