@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -40,6 +41,9 @@ from .storage_daemon import StorageDaemon, StorageDaemonError
 log = logging.getLogger("virtsync.nbd")
 
 __all__ = ["NbdServers", "OneServer", "PeerServers"]
+
+#: Where versions with one NBD server for all peers kept its key file (beside ``run_dir``).
+LEGACY_PSK_DIR = "nbd-psk"
 
 
 class NbdServers:
@@ -91,11 +95,20 @@ class PeerServers(NbdServers):
         self.daemons = {}
         for peer in sorted(self.ports if keys is None else keys):
             run_dir = os.path.join(self.run_dir, peer)
-            tls_dir = None
+            tls_dir = os.path.join(run_dir, "psk")
             if keys is not None:
-                tls_dir = write_server_psk(os.path.join(run_dir, "psk"), {peer: keys[peer]})
-            self.daemons[peer] = StorageDaemon(run_dir, self.address, self.ports[peer], tls_dir=tls_dir,
+                write_server_psk(tls_dir, {peer: keys[peer]})
+            else:
+                shutil.rmtree(tls_dir, ignore_errors=True)
+            self.daemons[peer] = StorageDaemon(run_dir, self.address, self.ports[peer],
+                                               tls_dir=tls_dir if keys is not None else None,
                                                tls_priority=self.tls_priority, name=f"vs-qsd-{peer}")
+        # No key stays on disk for a server that does not run: a peer gone from the
+        # config or without usable keys, and the single file of every key of old versions.
+        for entry in os.listdir(self.run_dir):
+            if entry not in self.daemons:
+                shutil.rmtree(os.path.join(self.run_dir, entry), ignore_errors=True)
+        shutil.rmtree(os.path.join(os.path.dirname(self.run_dir), LEGACY_PSK_DIR), ignore_errors=True)
 
     async def start(self) -> None:
         """Start the configured daemons, side by side.

@@ -124,3 +124,20 @@ def test_primary_tls_object_lives_with_the_nbd_nodes(tmp_path: Path) -> None:
         ("blockdev-del", {"node-name": "vs-nbd-vda"}),
         ("object-del", {"id": "vs-tls-nbd"}),
     ]
+
+
+def test_no_server_key_stays_for_a_server_that_does_not_run(tmp_path: Path) -> None:
+    from plugin.replication.nbd_servers import PeerServers
+
+    run_dir = tmp_path / "run"
+    legacy = run_dir / "nbd-psk"
+    legacy.mkdir(parents=True)
+    (legacy / "keys.psk").write_text("sec:" + "ab" * 32 + "\n")
+    servers = PeerServers(str(run_dir / "nbd"), "127.0.0.1", 10809, ["sec", "dr2", "gone"])
+    servers.configure({"sec": "ab" * 32, "dr2": "cd" * 32, "gone": "ef" * 32})
+    assert sorted(os.listdir(run_dir / "nbd")) == ["dr2", "gone", "sec"]
+    servers = PeerServers(str(run_dir / "nbd"), "127.0.0.1", 10809, ["sec", "dr2"])
+    servers.configure({"sec": "ab" * 32}, {"dr2": "no certificate pinned"})
+    assert sorted(os.listdir(run_dir / "nbd")) == ["sec"] and not legacy.exists()
+    servers.configure(None)   # every peer plain: servers without keys, and no key file left
+    assert sorted(servers.daemons) == ["dr2", "sec"] and list((run_dir / "nbd").rglob("*")) == [run_dir / "nbd" / "sec"]
