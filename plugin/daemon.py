@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import config as config_mod
-from . import hook, ipc, peer, peer_api, tracker
+from . import hook, ipc, paths, peer, peer_api, tracker
 from . import keys as keys_mod
 from .config import Config
 from .domain import DiskSpec, PairState, Protection
@@ -161,12 +161,12 @@ class Agent:
     # -- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
-        os.makedirs(self.cfg.state_dir, mode=0o700, exist_ok=True)
+        self._take_lock()  # first: a second agent on this state dir changes nothing
         os.chmod(self.cfg.state_dir, 0o700)  # replicas, journal and the database: nobody else's business
-        self._take_lock()
+        ipc.check_socket_path(self.cfg.socket)
         server_ssl, identify = self._setup_links()
         self.store = Store(self.cfg.db_path)
-        os.makedirs(self.cfg.storage, mode=0o700, exist_ok=True)
+        paths.ensure_dir(self.cfg.storage, "replication.storage")
         qmp = await self.qsd.start()
         self.secondary = Secondary(self.cfg, self.store, qmp)
         await self.secondary.recover()
@@ -248,7 +248,12 @@ class Agent:
         return "libvirt"
 
     def _take_lock(self) -> None:
-        fd = os.open(os.path.join(self.cfg.state_dir, "agent.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        paths.ensure_dir(self.cfg.state_dir, "agent.state_dir")
+        lock = os.path.join(self.cfg.state_dir, "agent.lock")
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise ConfigError(f"cannot open the lock file {lock}: {e.strerror or e}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -281,8 +286,7 @@ class Agent:
             await close_connection(self.conn)
         if self.store is not None:
             self.store.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.cfg.socket)
+        ipc.remove_own_socket(self.cfg.socket)  # only the one this agent made: never another agent's
 
     # -- peer API (secondary role) ----------------------------------------------
 
@@ -756,11 +760,11 @@ class Agent:
 
     async def op_restore(self, args: dict[str, Any]) -> Any:
         dest = arg(args, "to", str)
-        if not os.path.isabs(dest):
-            raise UsageError(f"--to must be an absolute path, not {dest!r}")
-        if os.path.exists(dest) and os.listdir(dest):
-            raise UsageError(f"{dest} is not empty: restore never overwrites")
-        return await self._sec().restore(self._replica(args), arg(args, "marker", int), dest)
+        paths.check_restore_target(dest)
+        try:
+            return await self._sec().restore(self._replica(args), arg(args, "marker", int), dest)
+        except OSError as e:
+            raise PluginError(f"restore into {dest} failed: {e.strerror or e}") from e
 
     def _pairs_json(self, uuid: str | None = None) -> list[dict[str, Any]]:
         out = []

@@ -30,6 +30,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from . import jsonin
 from .domain import PeerSpec
 from .errors import PluginError
 from .keys import fingerprint_der
@@ -115,9 +116,11 @@ def make_app(handlers: Mapping[str, Handler], identify: Identify) -> web.Applica
                 return web.json_response({"error": {"type": "Forbidden", "message": "not a known peer"}},
                                          status=403)
             try:
-                body = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError, web.HTTPRequestEntityTooLarge) as e:
-                return web.json_response({"error": {"type": "BadRequest", "message": f"bad body: {e}"}}, status=400)
+                body = jsonin.loads(await request.read())   # at most MAX_BODY bytes, MAX_DEPTH levels
+            except (jsonin.JsonInputError, web.HTTPRequestEntityTooLarge) as e:
+                message = f"bad body: {e}" if isinstance(e, jsonin.JsonInputError) else \
+                    f"bad body: larger than {MAX_BODY} bytes"
+                return web.json_response({"error": {"type": "BadRequest", "message": message}}, status=400)
             if not isinstance(body, dict):
                 return web.json_response({"error": {"type": "BadRequest", "message": "body must be an object"}},
                                          status=400)
