@@ -26,7 +26,7 @@ from . import config as config_mod
 from . import hook, ipc, paths, peer, peer_api, tracker
 from . import keys as keys_mod
 from .config import Config
-from .domain import DiskSpec, PairState, Protection
+from .domain import DiskSpec, PairState, Protection, label_problem
 from .errors import ConfigError, PluginError, StateConflictError
 from .replication.primary import CutRefusedError, CycleError, DomainReplicator, resolve_nodes
 from .replication.secondary import Secondary
@@ -269,9 +269,10 @@ class Agent:
                     await task
         if self.conn is not None:
             events.deregister(self.conn, self._event_ids)
-        for p in list(self.protected.values()):
-            await self._stop_supervisor(p)
-            await p.qmp.close()
+        # No local keeps a Protected: their libvirt domains hold the connection open (close_connection).
+        for uuid in list(self.protected):
+            await self._stop_supervisor(self.protected[uuid])
+            await self.protected.pop(uuid).qmp.close()
         for runner in reversed(self._runners):
             if isinstance(runner, asyncio.AbstractServer):
                 runner.close()
@@ -711,7 +712,10 @@ class Agent:
         crash_ok = arg(args, "crash_consistent_ok", bool, False)
         if crash_ok and not quiesce:
             raise UsageError("--crash-consistent-ok only goes with --quiesce")
-        req = MarkRequest(arg(args, "label", str, ""), not arg(args, "no_apply", bool, False),
+        label = arg(args, "label", str, "")
+        if problem := label_problem(label):   # the secondary's rule, checked before any cycle is cut
+            raise UsageError(f"label {label[:40]!r}: {problem}")
+        req = MarkRequest(label, not arg(args, "no_apply", bool, False),
                           asyncio.get_running_loop().create_future(), quiesce=quiesce, crash_consistent_ok=crash_ok)
         if p.task is None or p.task.done():
             raise StateConflictError(f"replication of {p.name} is not running", state="stopped", required="running")

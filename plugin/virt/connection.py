@@ -10,6 +10,8 @@ events) when a later connection is opened from a different loop.
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 
 import libvirt
 import libvirtaio
@@ -17,6 +19,8 @@ import libvirtaio
 from plugin.errors import DomainNotFoundError, VirtError
 
 __all__ = ["close_connection", "ensure_event_impl", "open_connection", "virt_error"]
+
+log = logging.getLogger("virtsync.virt")
 
 
 def virt_error(error: libvirt.libvirtError, context: str = "") -> VirtError:
@@ -74,9 +78,29 @@ async def open_connection(uri: str) -> libvirt.virConnect:
     return conn
 
 
+#: How long closing waits for libvirt to hand back its file handles and timers.
+DRAIN_TIMEOUT = 5.0
+
+
 async def close_connection(conn: libvirt.virConnect) -> None:
-    """Close a connection opened by :func:`open_connection`; errors are moot then."""
+    """Close a connection opened by :func:`open_connection`, and shut its events down in order.
+
+    libvirt really closes a connection when its last reference goes (each virDomain holds
+    one), and only then removes its socket handle and keepalive timer from the event
+    implementation. Done after the loop has closed, libvirtaio raised ``Event loop is
+    closed`` twice. So: drop the garbage domains, close, and wait (bounded) until
+    libvirtaio is idle while the loop still runs. The caller drops its own domains first.
+    """
+    gc.collect()   # domains held only by reference cycles (tasks, dataclasses) go now
     try:
         await asyncio.to_thread(conn.close)
     except libvirt.libvirtError:
         pass
+    impl = libvirtaio.getCurrentImpl()
+    if impl is None or impl.loop is not asyncio.get_running_loop():
+        return
+    try:
+        async with asyncio.timeout(DRAIN_TIMEOUT):
+            await impl.drain()
+    except TimeoutError:
+        log.warning("libvirt connection still referenced after close: its events end with the process")
