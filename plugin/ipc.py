@@ -303,7 +303,8 @@ def check_socket_path(path: str) -> None:
 
 
 def remove_own_socket(path: str) -> bool:
-    """Unlink ``path`` if it is still the socket this process bound there; else leave it.
+    """Unlink ``path`` if it is still the socket this process bound there (same inode, nobody
+    listening: call it after closing the server); else leave it.
 
     :return: whether it was removed
     """
@@ -314,10 +315,27 @@ def remove_own_socket(path: str) -> bool:
         st = os.lstat(path)
     except FileNotFoundError:
         return False
-    if (st.st_dev, st.st_ino) != ident or not stat.S_ISSOCK(st.st_mode):
+    # An inode number is reused at once: someone's new socket may carry ours. Our server is
+    # closed by now, so a socket that still accepts a connection is someone else's.
+    if (st.st_dev, st.st_ino) != ident or not stat.S_ISSOCK(st.st_mode) or _accepts(path):
         log.warning("%s is no longer the socket this agent made: left in place", path)
         return False
     os.unlink(path)
+    return True
+
+
+def _accepts(path: str) -> bool:
+    """Whether something listens on the Unix socket ``path`` (without waiting)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return True   # a full backlog (EAGAIN) or no access: cannot tell, so it stays
+    finally:
+        probe.close()
     return True
 
 
