@@ -317,6 +317,44 @@ def test_peer_api_answers_deep_nesting_and_big_bodies_with_400(caplog: pytest.Lo
     assert "RecursionError" not in caplog.text and "Traceback" not in caplog.text
 
 
+def test_a_peers_deep_or_huge_reply_is_a_peer_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client side of the same limits: a hostile peer cannot raise RecursionError here."""
+    from aiohttp import web
+
+    monkeypatch.setattr(peer, "MAX_REPLY", 1 << 16)   # the rule, at a size a unit test can send
+
+    replies = {"deep": b'{"result": ' + nested(5000).encode() + b"}", "huge": b" " * (peer.MAX_REPLY + 10),
+               "fine": b'{"result": [1, [2]]}'}
+
+    async def main() -> dict[str, str]:
+        async def reply(request: web.Request) -> web.Response:
+            return web.Response(body=replies[request.match_info["op"]])
+
+        app = web.Application()
+        app.router.add_post("/v1/{op}", reply)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        runner = await peer.start_server(app, "127.0.0.1", port, None)
+        client = peer.PeerClient(PeerSpec("sec", "127.0.0.1", port, insecure_plain=True), None, timeout=30)
+        out = {}
+        try:
+            for op in ("deep", "huge"):
+                with pytest.raises(peer.PeerError) as info:
+                    await client.call(op, {})
+                out[op] = one_line(info.value)
+            out["fine"] = json.dumps(await client.call("fine", {}))
+        finally:
+            await client.close()
+            await runner.cleanup()
+        return out
+
+    out = asyncio.run(main())
+    assert out == {"deep": f"peer sec: malformed reply to deep: nested deeper than {jsonin.MAX_DEPTH} levels",
+                   "huge": f"peer sec: reply to huge larger than {peer.MAX_REPLY} bytes",
+                   "fine": "[1, [2]]"}
+
+
 # -- restore --to ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("dest", "rule"), [
