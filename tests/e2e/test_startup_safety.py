@@ -7,8 +7,10 @@ admin would:
   line, and the first agent's socket is still there (same inode) and still answers;
 - an agent whose socket path is a regular file refuses in one line and the file is intact;
 - a raw-socket ``mark`` with a label the secondary refuses is refused before a cycle is cut;
+- ``restore --to`` under /proc, onto a regular file or with a NUL: one line each;
 - SIGTERM stops the first agent cleanly: no traceback in its log (libvirtaio's
-  ``Event loop is closed`` was logged twice), and it removes its own socket.
+  ``Event loop is closed`` was logged twice), nor the storage daemon's retried QMP
+  connects of its start (issue 12), and it removes its own socket.
 """
 
 from __future__ import annotations
@@ -82,9 +84,21 @@ def test_a_second_agent_and_a_file_at_the_socket_path_destroy_nothing(lab_pair: 
         assert site.sec.call("markers", domain=DOMAIN)["markers"] == markers
         assert agent.call("mark", domain=DOMAIN, label="fine")["label"] == "fine"
 
+        # Item 5: restore into what is not storage: one line naming the path, nothing written.
+        image = Path(site.sec.dir) / "an-image"
+        image.write_text("keep\n")
+        for dest, rule in (("/proc/vs-restore", "/proc is a kernel filesystem"), (str(image), "is not a directory"),
+                           ("/tmp/a\0b", "cannot hold a NUL character")):
+            with pytest.raises(PluginError) as refusal:
+                site.sec.call("restore", domain=DOMAIN, marker=1, to=dest)
+            assert rule in str(refusal.value) and "\n" not in str(refusal.value)
+            assert getattr(refusal.value, "type_name", "") == "UsageError"
+        assert image.read_text() == "keep\n"
+
         agent.stop(signal.SIGTERM)
         log = agent.log.read_text(errors="replace")
         bad = [i for i, line in enumerate(log.splitlines())
-               if any(text in line for text in ("Traceback", "Event loop is closed", "still referenced after close"))]
+               if any(text in line for text in ("Traceback", "Event loop is closed", "still referenced after close",
+                                                "Failed to establish connection"))]
         assert not bad, "\n".join(log.splitlines()[max(bad[0] - 5, 0):bad[0] + 30])
         assert not os.path.exists(agent.socket)   # its own socket, removed at its stop
