@@ -36,7 +36,7 @@ from .requests import UsageError, arg
 from .state import Store
 from .tracker import ChangeKind, DiskEntry
 from .virt import domains, events
-from .virt.connection import close_connection, open_connection
+from .virt.connection import close_connection, open_connection, shutdown_events
 from .virt.qmp_bridge import LibvirtQmpTransport
 
 log = logging.getLogger("virtsync.daemon")
@@ -285,6 +285,7 @@ class Agent:
         await self.qsd.stop()
         if self.conn is not None:
             await close_connection(self.conn)
+            await shutdown_events()
         if self.store is not None:
             self.store.close()
         ipc.remove_own_socket(self.cfg.socket)  # only the one this agent made: never another agent's
