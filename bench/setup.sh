@@ -1,10 +1,18 @@
 #!/bin/sh
 # What `make bench` needs beyond scripts/setup.sh: virtnbdbackup (Debian 12 package),
-# the peer the benchmarks compare against. Quick when it is installed.
+# the peer the benchmarks compare against, and git (the report names the commit).
+# Quick when they are installed.
 set -eu
-if ! command -v virtnbdbackup >/dev/null 2>&1; then
-    echo "bench/setup: installing virtnbdbackup"
+PACKAGES="virtnbdbackup git"
+
+missing=""
+for p in $PACKAGES; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    echo "bench/setup: installing$missing"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
-    apt-get install -y -q virtnbdbackup
+    # shellcheck disable=SC2086
+    apt-get install -y -q $missing
 fi

@@ -41,6 +41,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
@@ -178,6 +179,9 @@ def _check_values(cfg: Config) -> None:
         if not math.isfinite(value) or (value <= minimum if minimum is not None else value < 0):
             need = "> 0" if minimum is not None else ">= 0"
             raise ConfigError(f"replication.{key} must be a finite number of seconds {need}, not {value!r}")
+    for key, value in (("journal.apply_delay", cfg.apply_delay), ("journal.retain_seconds", cfg.retain_seconds)):
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{key} must be a finite number of seconds >= 0, not {value!r}")
     for name, path in (("agent.socket", cfg.socket), ("agent.state_dir", cfg.state_dir),
                        ("agent.keys_dir", cfg.keys_dir), ("replication.storage", cfg.storage),
                        ("replication.scratch", cfg.scratch)):
@@ -210,6 +214,8 @@ def parse(text: str, path: str = "<config>") -> Config:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(_one_line(f"{path}: not valid TOML: {e}")) from None
+    except RecursionError:  # tomllib parses nested arrays and tables recursively
+        raise ConfigError(_one_line(f"{path}: not a config: arrays or tables nested too deeply")) from None
     tables = _tables(doc)
     try:
         cfg = _parse_doc(doc, path)
@@ -270,6 +276,9 @@ def _parse_doc(doc: dict[str, Any], path: str) -> Config:
     on_full = _get(journal, "on_full", str, "journal", "refuse")
     if on_full not in ("refuse", "apply"):
         raise ConfigError(f"{path}: journal.on_full must be \"refuse\" or \"apply\", not {on_full!r:.40}")
+    tracker_interval = _get(agent, "tracker_interval", float, "agent", 30.0)
+    if not math.isfinite(tracker_interval):   # max(1.0, nan) would hide it
+        raise ConfigError(f"{path}: agent.tracker_interval must be a finite number of seconds, not {tracker_interval!r}")
     retain = _get(journal, "retain_markers", int, "journal", 4)
     max_bytes = _get(journal, "max_bytes", int, "journal", 0)
     if retain < 0 or max_bytes < 0:
@@ -293,7 +302,7 @@ def _parse_doc(doc: dict[str, Any], path: str) -> Config:
         min_cycle_interval=_get(repl, "min_cycle_interval", float, "replication", 1.0),
         speed_limit=_get(repl, "speed_limit", int, "replication", 0),
         tls_priority=_tls_priority(_get(repl, "tls_priority", str, "replication", "auto"), path),
-        tracker_interval=max(1.0, _get(agent, "tracker_interval", float, "agent", 30.0)),
+        tracker_interval=max(1.0, tracker_interval),
         apply_delay=_get(journal, "apply_delay", float, "journal", 0.0),
         retain_markers=retain,
         retain_seconds=_get(journal, "retain_seconds", float, "journal", 0.0),
@@ -335,10 +344,18 @@ def load(path: str = DEFAULT_PATH) -> Config:
     :raise ConfigError: the file is missing or unreadable, or :func:`parse` refuses it
     """
     try:
-        with open(path, "rb") as f:
+        # O_NONBLOCK: opening a FIFO for reading would wait for a writer; it is refused below.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except (OSError, ValueError) as e:
+        raise ConfigError(_one_line(f"cannot read config {path!r}: {getattr(e, 'strerror', None) or e}")) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(_one_line(f"cannot read config {path}: not a regular file"))
+    with os.fdopen(fd, "rb") as f:
+        try:
             data = f.read(MAX_SIZE + 1)
-    except OSError as e:
-        raise ConfigError(_one_line(f"cannot read config {path}: {e.strerror or e}")) from None
+        except OSError as e:
+            raise ConfigError(_one_line(f"cannot read config {path}: {e.strerror or e}")) from None
     if len(data) > MAX_SIZE:
         raise ConfigError(_one_line(f"{path}: too large (more than {MAX_SIZE} bytes): not a config file"))
     try:

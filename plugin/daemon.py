@@ -23,12 +23,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import config as config_mod
-from . import hook, ipc, peer, peer_api, tracker
+from . import hook, ipc, paths, peer, peer_api, tracker
 from . import keys as keys_mod
 from .config import Config
-from .domain import DiskSpec, PairState, Protection
+from .domain import DiskSpec, PairState, Protection, label_problem
 from .errors import ConfigError, PluginError, StateConflictError
-from .replication.limits import label_problem
 from .replication.nbd_servers import PeerServers
 from .replication.primary import CutRefusedError, CycleError, DomainReplicator, resolve_nodes
 from .replication.secondary import Secondary
@@ -38,7 +37,7 @@ from .requests import UsageError, arg
 from .state import Store
 from .tracker import ChangeKind, DiskEntry
 from .virt import domains, events
-from .virt.connection import close_connection, open_connection
+from .virt.connection import close_connection, open_connection, shutdown_events
 from .virt.qmp_bridge import LibvirtQmpTransport
 
 log = logging.getLogger("virtsync.daemon")
@@ -166,12 +165,12 @@ class Agent:
     # -- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
-        os.makedirs(self.cfg.state_dir, mode=0o700, exist_ok=True)
+        self._take_lock()  # first: a second agent on this state dir changes nothing
         os.chmod(self.cfg.state_dir, 0o700)  # replicas, journal and the database: nobody else's business
-        self._take_lock()
+        ipc.check_socket_path(self.cfg.socket)
         server_ssl, identify = self._setup_links()
         self.store = Store(self.cfg.db_path)
-        os.makedirs(self.cfg.storage, mode=0o700, exist_ok=True)
+        paths.ensure_dir(self.cfg.storage, "replication.storage")
         await self.qsd.start()
         self.nbd.configure(self._server_psks, self._unserved)
         await self.nbd.start()
@@ -255,7 +254,12 @@ class Agent:
         return "libvirt"
 
     def _take_lock(self) -> None:
-        fd = os.open(os.path.join(self.cfg.state_dir, "agent.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        paths.ensure_dir(self.cfg.state_dir, "agent.state_dir")
+        lock = os.path.join(self.cfg.state_dir, "agent.lock")
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise ConfigError(f"cannot open the lock file {lock}: {e.strerror or e}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -271,9 +275,10 @@ class Agent:
                     await task
         if self.conn is not None:
             events.deregister(self.conn, self._event_ids)
-        for p in list(self.protected.values()):
-            await self._stop_supervisor(p)
-            await p.qmp.close()
+        # No local keeps a Protected: their libvirt domains hold the connection open (close_connection).
+        for uuid in list(self.protected):
+            await self._stop_supervisor(self.protected[uuid])
+            await self.protected.pop(uuid).qmp.close()
         for runner in reversed(self._runners):
             if isinstance(runner, asyncio.AbstractServer):
                 runner.close()
@@ -287,10 +292,10 @@ class Agent:
         await self.qsd.stop()
         if self.conn is not None:
             await close_connection(self.conn)
+            await shutdown_events()
         if self.store is not None:
             self.store.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.cfg.socket)
+        ipc.remove_own_socket(self.cfg.socket)  # only the one this agent made: never another agent's
 
     # -- peer API (secondary role) ----------------------------------------------
 
@@ -711,8 +716,8 @@ class Agent:
 
     async def op_mark(self, args: dict[str, Any]) -> Any:
         label = arg(args, "label", str, "")
-        if (problem := label_problem(label)) is not None:   # before any cycle is cut for it
-            raise UsageError(problem)
+        if problem := label_problem(label):   # the secondary's rule, checked before any cycle is cut
+            raise UsageError(f"label {label[:40]!r}: {problem}")
         p = self._find(arg(args, "domain", str))
         quiesce = arg(args, "quiesce", bool, False)
         crash_ok = arg(args, "crash_consistent_ok", bool, False)
@@ -770,11 +775,11 @@ class Agent:
 
     async def op_restore(self, args: dict[str, Any]) -> Any:
         dest = arg(args, "to", str)
-        if not os.path.isabs(dest):
-            raise UsageError(f"--to must be an absolute path, not {dest!r}")
-        if os.path.exists(dest) and os.listdir(dest):
-            raise UsageError(f"{dest} is not empty: restore never overwrites")
-        return await self._sec().restore(self._replica(args), arg(args, "marker", int), dest)
+        paths.check_restore_target(dest)
+        try:
+            return await self._sec().restore(self._replica(args), arg(args, "marker", int), dest)
+        except OSError as e:
+            raise PluginError(f"restore into {dest} failed: {e.strerror or e}") from e
 
     def _pairs_json(self, uuid: str | None = None) -> list[dict[str, Any]]:
         out = []

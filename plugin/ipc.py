@@ -33,7 +33,7 @@ import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, ClassVar
 
-from plugin import errors
+from plugin import errors, jsonin
 from plugin.errors import ConfigError, DaemonUnavailableError, PluginError
 
 __all__ = [
@@ -45,6 +45,8 @@ __all__ = [
     "RemoteError",
     "UnknownOperationError",
     "call",
+    "check_socket_path",
+    "remove_own_socket",
     "request",
     "serve",
 ]
@@ -62,6 +64,10 @@ WRITE_TIMEOUT = 30.0
 PROBE_TIMEOUT = 1.0
 
 log = logging.getLogger("virtsync.ipc")
+
+#: The sockets this process bound, by path: (st_dev, st_ino) at bind, so that it removes only
+#: its own (never another agent's socket, nor a file someone put there since).
+_bound: dict[str, tuple[int, int]] = {}
 
 Handler = Callable[[str, dict[str, Any]], Awaitable[object] | AsyncIterator[object]]
 """``handler(op, args)``: a coroutine giving the result, or an async iterator of progress items."""
@@ -169,9 +175,9 @@ def _parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
     if not text.strip():
         raise BadRequestError("malformed request: empty line")
     try:
-        message = json.loads(text)
-    except (ValueError, RecursionError) as e:
-        raise BadRequestError(f"malformed request: not JSON ({str(e)[:100]})") from None
+        message = jsonin.loads(text)
+    except jsonin.JsonInputError as e:
+        raise BadRequestError(f"malformed request: {e}") from None
     if not isinstance(message, dict):
         raise BadRequestError("malformed request: not a JSON object")
     version = message.get("v")
@@ -281,6 +287,58 @@ class _Connection:
                     log.error("closing the progress stream failed", exc_info=True)
 
 
+def check_socket_path(path: str) -> None:
+    """Refuse, before anything starts, a socket path that exists and is not a socket.
+
+    :raise IpcError: one line naming the path
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise IpcError(f"socket path {path}: {e.strerror or e}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise IpcError(f"{path} exists and is not a socket: refusing to use or replace it (agent.socket)")
+
+
+def remove_own_socket(path: str) -> bool:
+    """Unlink ``path`` if it is still the socket this process bound there (same inode, nobody
+    listening: call it after closing the server); else leave it.
+
+    :return: whether it was removed
+    """
+    ident = _bound.pop(path, None)
+    if ident is None:
+        return False
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    # An inode number is reused at once: someone's new socket may carry ours. Our server is
+    # closed by now, so a socket that still accepts a connection is someone else's.
+    if (st.st_dev, st.st_ino) != ident or not stat.S_ISSOCK(st.st_mode) or _accepts(path):
+        log.warning("%s is no longer the socket this agent made: left in place", path)
+        return False
+    os.unlink(path)
+    return True
+
+
+def _accepts(path: str) -> bool:
+    """Whether something listens on the Unix socket ``path`` (without waiting)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return True   # a full backlog (EAGAIN) or no access: cannot tell, so it stays
+    finally:
+        probe.close()
+    return True
+
+
 async def _remove_stale_socket(path: str) -> None:
     """Remove ``path`` only if it is a socket nobody listens on.
 
@@ -325,7 +383,8 @@ async def serve(path: str, handler: Handler, *, mode: int = 0o660,
     """Listen on the Unix socket ``path`` and answer requests with ``handler(op, args)``.
 
     The socket is created under a umask so it is never, even briefly, more open than ``mode``.
-    Python 3.11 does not unlink the socket on close; the next start removes it as stale.
+    Python 3.11 does not unlink the socket on close: :func:`remove_own_socket` does, and the
+    next start removes a socket left by a crash as stale.
 
     :param path: the socket path; its directory must exist
     :param handler: ``handler(op, args)``, see :data:`Handler`
@@ -345,6 +404,8 @@ async def serve(path: str, handler: Handler, *, mode: int = 0o660,
         try:
             sock.bind(path)
             bound = True
+            st = os.lstat(path)
+            _bound[path] = (st.st_dev, st.st_ino)
         finally:
             os.umask(old_umask)
         os.chmod(path, mode)
@@ -365,7 +426,7 @@ async def serve(path: str, handler: Handler, *, mode: int = 0o660,
         sock.close()
         if bound:
             try:
-                os.unlink(path)
+                remove_own_socket(path)
             except OSError:
                 pass
         if isinstance(e, OSError):

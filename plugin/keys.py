@@ -327,7 +327,19 @@ class KeysDir:
         if mode & ~allowed:
             raise KeyFileError(f"{path} is too open (mode {mode:04o}): chmod {allowed:04o} it")
 
+    def _check_dir(self, path: str) -> None:
+        """Refuse a key directory others may write to (as ssh's StrictModes does): anyone could
+        swap a pinned certificate or a key there."""
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except FileNotFoundError:
+            return
+        if mode & 0o022:
+            raise KeyFileError(f"{path} is writable by others (mode {mode:04o}): anyone could replace its keys; "
+                               f"chmod {self._dir_mode():04o} it")
+
     def check_identity(self) -> None:
+        self._check_dir(self.path)
         if not os.path.exists(self.key_path) or not os.path.exists(self.cert_path):
             raise KeyFileError(f"no TLS identity in {self.path}: run 'virtsync keys init PEER' "
                                "(or set insecure_plain = true for every peer on an isolated network)")
@@ -355,6 +367,8 @@ class KeysDir:
 
         :raise KeyFileError: the pinned certificate or the NBD key is missing or unusable
         """
+        self._check_dir(self.path)
+        self._check_dir(self.peer_dir(peer))
         path = self.peer_cert_path(peer)
         if not os.path.exists(path):
             raise KeyFileError(f"no certificate pinned for peer {peer} ({path}): copy its "

@@ -21,7 +21,6 @@ the pairs it holds, and refuses out-of-order or unknown cycles.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -30,12 +29,15 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from . import jsonin
 from .domain import PeerSpec
 from .errors import PluginError
 from .keys import fingerprint_der
 
 log = logging.getLogger("virtsync.peer")
 MAX_BODY = 1 << 20
+#: Longest reply this side reads from a peer (``info`` lists every marker).
+MAX_REPLY = 64 << 20
 API = "/v1"
 
 
@@ -115,9 +117,11 @@ def make_app(handlers: Mapping[str, Handler], identify: Identify) -> web.Applica
                 return web.json_response({"error": {"type": "Forbidden", "message": "not a known peer"}},
                                          status=403)
             try:
-                body = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError, web.HTTPRequestEntityTooLarge) as e:
-                return web.json_response({"error": {"type": "BadRequest", "message": f"bad body: {e}"}}, status=400)
+                body = jsonin.loads(await request.read())   # at most MAX_BODY bytes, MAX_DEPTH levels
+            except (jsonin.JsonInputError, web.HTTPRequestEntityTooLarge) as e:
+                message = f"bad body: {e}" if isinstance(e, jsonin.JsonInputError) else \
+                    f"bad body: larger than {MAX_BODY} bytes"
+                return web.json_response({"error": {"type": "BadRequest", "message": message}}, status=400)
             if not isinstance(body, dict):
                 return web.json_response({"error": {"type": "BadRequest", "message": "body must be an object"}},
                                          status=400)
@@ -150,6 +154,17 @@ async def start_server(app: web.Application, host: str, port: int,
     return runner
 
 
+async def _read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, or its first ``limit`` bytes: a peer's reply never fills this agent's memory."""
+    data = bytearray()
+    while len(data) < limit:
+        chunk = await resp.content.read(limit - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
 class PeerClient:
     """Calls one peer's API with bounded waits; HTTPS with ``ssl_context``, plain HTTP with None."""
 
@@ -178,7 +193,10 @@ class PeerClient:
             async with asyncio.timeout(timeout or self.timeout):
                 async with self._session.post(f"{self.base}/{op}", json=dict(body),
                                               ssl=self.ssl_context if self.ssl_context is not None else True) as resp:
-                    data = await resp.json(content_type=None)
+                    raw = await _read_bounded(resp, MAX_REPLY + 1)
+            if len(raw) > MAX_REPLY:
+                raise PeerError(f"peer {self.spec.name}: reply to {op} larger than {MAX_REPLY} bytes")
+            data = jsonin.loads(raw)
         except aiohttp.ClientConnectorCertificateError as e:
             raise PeerAuthError(f"peer {self.spec.name} ({where}) presented a certificate that is not the one "
                                 f"pinned for it: {e.certificate_error}") from e
@@ -191,8 +209,8 @@ class PeerClient:
                     if self.ssl_context is not None and isinstance(e, aiohttp.ServerDisconnectedError) else "")
             raise PeerUnreachableError(f"peer {self.spec.name} ({where}) unreachable: "
                                        f"{type(e).__name__} {e}".rstrip() + hint) from e
-        except json.JSONDecodeError as e:
-            raise PeerError(f"peer {self.spec.name}: malformed reply") from e
+        except jsonin.JsonInputError as e:
+            raise PeerError(f"peer {self.spec.name}: malformed reply to {op}: {e}") from e
         if not isinstance(data, dict):
             raise PeerError(f"peer {self.spec.name}: malformed reply")
         if "error" in data:

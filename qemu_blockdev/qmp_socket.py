@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -16,6 +17,14 @@ from qemu.qmp import EventListener as QmpEventListener
 
 from .errors import QmpCommandError, TransportError, command_subject
 from .transport import EventFilter, EventHub, EventListener, QmpEvent
+
+
+class _RetriedConnect(logging.Filter):
+    """Drops qemu.qmp's ERROR (and debug traceback) for a connect attempt that will be retried:
+    the daemon's socket appears a moment after its start, so those failures are expected."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to establish connection")
 
 
 class QmpSocketTransport:
@@ -40,14 +49,22 @@ class QmpSocketTransport:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while True:
-            try:
-                await self._client.connect(self.path)
-                break
-            except ConnectError as e:
-                if loop.time() >= deadline:
-                    raise TransportError(f"cannot connect to QMP at {self.path}: {e}") from e
-                await asyncio.sleep(0.05)
+        quiet = _RetriedConnect()
+        self._client.logger.addFilter(quiet)
+        try:
+            while True:
+                last = loop.time() >= deadline
+                if last:
+                    self._client.logger.removeFilter(quiet)   # the last attempt: its failure is logged
+                try:
+                    await self._client.connect(self.path)
+                    break
+                except ConnectError as e:
+                    if last:
+                        raise TransportError(f"cannot connect to QMP at {self.path}: {e}") from e
+                    await asyncio.sleep(0.05)
+        finally:
+            self._client.logger.removeFilter(quiet)
         listener = QmpEventListener()
         self._client.register_listener(listener)
         self._pump = asyncio.create_task(self._pump_events(listener))

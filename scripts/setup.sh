@@ -4,8 +4,10 @@
 set -eu
 cd "$(dirname "$0")/.."
 
+# Every program the code runs is listed with its package in plugin/programs.py;
+# tests/unit/test_programs.py checks that this list installs each of them.
 PACKAGES="qemu-system-x86 qemu-utils qemu-system-common libvirt-daemon-system libvirt-clients
-libvirt-dev pkg-config busybox-static iproute2 gnutls-bin openssl xz-utils python3-venv"
+libvirt-dev pkg-config busybox-static iproute2 nftables gnutls-bin openssl xz-utils zstd python3-venv"
 
 missing=""
 for p in $PACKAGES; do

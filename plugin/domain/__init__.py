@@ -4,12 +4,14 @@ from the rest of the project."""
 from __future__ import annotations
 
 from .models import (
+    MAX_LABEL,
     DiskSpec,
     Marker,
     Pair,
     PairState,
     PeerSpec,
     Protection,
+    label_problem,
 )
 
-__all__ = ["DiskSpec", "Marker", "Pair", "PairState", "PeerSpec", "Protection"]
+__all__ = ["MAX_LABEL", "DiskSpec", "Marker", "Pair", "PairState", "PeerSpec", "Protection", "label_problem"]

@@ -88,3 +88,15 @@ class PeerSpec:
     replication_address: str = ""
     #: Plain HTTP and NBD with this peer (an isolated replication network), never the default.
     insecure_plain: bool = False
+
+
+#: Longest marker label; a label is printable text (it shows in `markers` and logs).
+MAX_LABEL = 128
+
+
+def label_problem(label: str) -> str | None:
+    """Why ``label`` cannot name a marker, or None: the secondary's rule, which the primary
+    also checks before it cuts anything."""
+    if len(label) > MAX_LABEL or not label.isprintable():
+        return f"a label is at most {MAX_LABEL} printable characters"
+    return None

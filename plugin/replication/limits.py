@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from ..domain import MAX_LABEL, label_problem
 from ..errors import PluginError
 
 __all__ = [
@@ -35,8 +36,6 @@ __all__ = [
 
 #: libvirt's domain names kept file-name sized; the CLI takes the same (``cli.MAX_NAME``).
 MAX_DOMAIN_NAME = 255
-#: A marker's label, as the secondary records it.
-MAX_LABEL = 128
 #: More disks than any domain here would have; each is an export, a node pair and a file per cycle.
 MAX_DISKS = 64
 #: Above what a qcow2 with 64 KiB clusters can address usefully; a peer asking more is wrong.
@@ -77,14 +76,6 @@ def check_domain_name(value: object) -> str:
     if not value.isprintable() or "/" in value:
         raise PeerRequestError(f"domain name {value!r:.60} must be printable characters without '/'")
     return value
-
-
-def label_problem(label: str) -> str | None:
-    """Why the secondary would refuse ``label`` as a marker's label, or None: checked
-    before a cycle is cut, so a refused label costs no cycle."""
-    if len(label) > MAX_LABEL or not label.isprintable():
-        return f"label {label!r:.40} refused: a label is at most {MAX_LABEL} printable characters"
-    return None
 
 
 def free_bytes(path: str) -> int:

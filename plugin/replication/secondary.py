@@ -35,7 +35,7 @@ from qemu_blockdev import BlockdevError, commands, nodes
 from qemu_blockdev.transport import QmpTransport
 
 from ..config import Config
-from ..domain import Marker, PairState, Protection
+from ..domain import Marker, PairState, Protection, label_problem
 from ..errors import JournalCorruptError, JournalError, StateConflictError
 from ..faults import fault_point
 from ..state import Store
@@ -75,8 +75,9 @@ class OpenCycle:
 
 
 def _check_marker_fields(label: str, cut_time: float) -> None:
-    if len(label) > 128 or not label.isprintable():
-        raise PeerRequestError("a label is at most 128 printable characters")
+    problem = label_problem(label)
+    if problem:
+        raise PeerRequestError(problem)
     if isinstance(cut_time, bool) or not isinstance(cut_time, (int, float)) or not math.isfinite(cut_time) \
             or cut_time < 0:
         raise PeerRequestError(f"bad cut time {cut_time!r:.30}")

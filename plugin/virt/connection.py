@@ -10,13 +10,17 @@ events) when a later connection is opened from a different loop.
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 
 import libvirt
 import libvirtaio
 
 from plugin.errors import DomainNotFoundError, VirtError
 
-__all__ = ["close_connection", "ensure_event_impl", "open_connection", "virt_error"]
+__all__ = ["close_connection", "ensure_event_impl", "open_connection", "shutdown_events", "virt_error"]
+
+log = logging.getLogger("virtsync.virt")
 
 
 def virt_error(error: libvirt.libvirtError, context: str = "") -> VirtError:
@@ -74,9 +78,34 @@ async def open_connection(uri: str) -> libvirt.virConnect:
     return conn
 
 
+#: How long the agent's stop waits for libvirt to hand back its file handles and timers.
+DRAIN_TIMEOUT = 5.0
+
+
 async def close_connection(conn: libvirt.virConnect) -> None:
-    """Close a connection opened by :func:`open_connection`; errors are moot then."""
+    """Close a connection opened by :func:`open_connection`; errors are moot then.
+
+    libvirt really closes a connection when its last reference goes (each virDomain holds
+    one); only then does it remove the connection's socket handle and keepalive timer from
+    the event implementation. So the caller drops its domains first, and the garbage ones
+    held only by reference cycles (tasks, dataclasses) are collected here.
+    """
+    gc.collect()
     try:
         await asyncio.to_thread(conn.close)
     except libvirt.libvirtError:
         pass
+
+
+async def shutdown_events() -> None:
+    """At the agent's stop, after its last :func:`close_connection`: wait (bounded) until
+    libvirtaio has no handle, timer or free callback left, while the loop still runs.
+    Left for after the loop closed, libvirtaio raised ``Event loop is closed`` twice."""
+    impl = libvirtaio.getCurrentImpl()
+    if impl is None or impl.loop is not asyncio.get_running_loop():
+        return
+    try:
+        async with asyncio.timeout(DRAIN_TIMEOUT):
+            await impl.drain()
+    except TimeoutError:
+        log.warning("a libvirt connection is still referenced after close: its events end with the process")

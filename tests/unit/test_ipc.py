@@ -276,7 +276,7 @@ def test_a_result_that_is_not_json_is_an_internal_error(sock: str, op: str) -> N
     (b'{"v": 1, "op": "echo", "args": []}', "'args' must be a JSON object"),
     (b'{"v": 1, "op": "echo", "args": null}', "'args' must be a JSON object"),
     (b'{"v": 1, "op": "echo", "args": "x"}', "'args' must be a JSON object"),
-    (b"[" * 100_000, "not JSON"),
+    (b"[" * 100_000, "nested deeper than 32 levels"),
 ])
 def test_malformed_requests_get_an_error_and_the_connection_goes_on(sock: str, data: bytes, fragment: str) -> None:
     raw = Raw(sock)
