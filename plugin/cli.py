@@ -415,7 +415,12 @@ class StatusCommand(Command):
             rows.append([_cell(d.get("domain")), _cell(d.get("peer")), _cell(d.get("state")),
                          human_duration(lag) + (" (over RPO)" if late else ""),
                          human_duration(rpo), _cell(marker) if marker else "-"])
-        lines += table(("DOMAIN", "PEER", "STATE", "LAG", "RPO", "MARKER"), rows, "  ")
+        head, *body = table(("DOMAIN", "PEER", "STATE", "LAG", "RPO", "MARKER"), rows, "  ")
+        lines.append(head)
+        for d, line in zip(domains, body, strict=True):
+            lines.append(line)
+            if d.get("reason"):
+                lines.append(f"      reason: {one_line(str(d['reason']))}")
         return lines
 
 
