@@ -282,10 +282,11 @@ class Agent:
         self._event_ids = events.register(conn, self._events, self._on_lifecycle)
         watch_close(conn, self._libvirt_lost)
 
-    def _on_lifecycle(self, uuid: str) -> None:
-        """A domain started, stopped, paused...: its supervisor looks again."""
+    def _on_lifecycle(self, uuid: str, what: str) -> None:
+        """A domain's QEMU started or stopped: its supervisor looks again (a pause
+        changes nothing: cycles run on a paused domain)."""
         p = self.protected.get(uuid)
-        if p is not None:
+        if p is not None and what in ("started", "stopped"):
             p.attached = False
             p.wake.set()
 

@@ -22,7 +22,7 @@ def fault_raise(name: str) -> None:
         times = int(os.environ.get("VIRTSYNC_FAULT_TIMES", "1"))
         if _raised.get(name, 0) < times:
             _raised[name] = _raised.get(name, 0) + 1
-            raise InjectedFaultError(f"injected fault at {name} ({_raised[name]} of {times})")
+            raise InjectedFaultError(f"injected fault at {name}")
 
 
 def fault_point(name: str) -> None:
