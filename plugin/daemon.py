@@ -360,6 +360,12 @@ class Agent:
         assert self.secondary is not None
         return self.secondary
 
+    def _libvirt(self) -> Any:
+        """The libvirt connection; refused in one line while it is being made again."""
+        if self.conn is None:
+            raise VirtError(f"libvirt connection to {self.cfg.libvirt_uri} lost: reconnecting, try again shortly")
+        return self.conn
+
     def _store(self) -> Store:
         assert self.store is not None
         return self.store
@@ -399,8 +405,7 @@ class Agent:
         if client is None:
             self.cfg.peer(peer_name)  # raises the ConfigError naming the known peers
         assert client is not None
-        assert self.conn is not None
-        dom = await domains.lookup(self.conn, name)
+        dom = await domains.lookup(self._libvirt(), name)
         uuid = dom.UUIDString()
         store = self._store()
         # Check and reserve with no await in between: a second protect of the same domain
@@ -755,6 +760,7 @@ class Agent:
                 p.stop_handled = False
             p.running = False
             if not p.stop_handled:
+                log.getChild(p.name).info("domain not running (%s)", reason)
                 self._fail_marks(p, self._not_running_error(p, reason))
                 async with p.lock:
                     await self._domain_stopped(p, reason)
@@ -765,6 +771,7 @@ class Agent:
                 await self._domain_started(p)
             p.attached = True
             p.running = True
+            log.getChild(p.name).info("domain running: attached to its QEMU")
             store.transition(p.uuid, PRIMARY, PairEvent.STARTED)
             # Changes made while we were not looking (agent down, domain off, missed
             # events) are found before any cycle runs.
@@ -917,9 +924,8 @@ class Agent:
         await p.qmp.close()
         if prot is not None and prot["peer"] in self.peers:
             await self.peers[prot["peer"]].call("remove", {"uuid": p.uuid, "keep_replica": keep})
-        assert self.conn is not None
         with contextlib.suppress(PluginError):
-            await domains.set_protection(await domains.lookup_uuid(self.conn, p.uuid), None)
+            await domains.set_protection(await domains.lookup_uuid(self._libvirt(), p.uuid), None)
         store.remove_protection(p.uuid, PRIMARY)
         del self.protected[p.uuid]
         return {"domain": p.name, "replica_kept": keep}
