@@ -42,6 +42,9 @@ from .virt.connection import close_connection, is_alive, open_connection, watch_
 from .virt.qmp_bridge import LibvirtQmpTransport
 
 log = logging.getLogger("virtsync.daemon")
+# States of pairs whose cycles run (or are retried).
+_LIVE = frozenset({PairState.INITIAL_COPY, PairState.ACTIVE, PairState.BEHIND, PairState.DISCONNECTED,
+                   PairState.ERROR})
 PRIMARY = "primary"
 MAX_BACKOFF = 30.0
 
@@ -765,6 +768,9 @@ class Agent:
                 async with p.lock:
                     await self._domain_stopped(p, reason)
                 p.stop_handled = True
+            elif any(pair.state in _LIVE for pair in store.pairs(PRIMARY, p.uuid)):
+                # Handled, but since then resumed, or failed on a lost libvirt: still stopped.
+                store.transition(p.uuid, PRIMARY, PairEvent.STOPPED, f"domain not running ({reason})")
             return False
         if not p.attached:
             async with p.lock:
@@ -829,6 +835,10 @@ class Agent:
             mark = p.marks.pop(0) if p.marks else None
             quiesce = (Quiesce(p.qmp.domain, p.name, mark.crash_consistent_ok)
                        if mark is not None and mark.quiesce else None)
+            # A cycle that outlasts the RPO makes the pairs late while it runs.
+            until_late = self._until_late(p, prot["rpo"])
+            late = (asyncio.get_running_loop().call_later(until_late, self._check_lag, p, prot["rpo"])
+                    if until_late != float("inf") else None)
             try:
                 async with p.lock:
                     stats = await p.replicator.cycle(label=mark.label if mark else "",
@@ -871,6 +881,9 @@ class Agent:
                 next_due = time.monotonic() + backoff
                 backoff = min(backoff * 2, MAX_BACKOFF)
                 continue
+            finally:
+                if late is not None:
+                    late.cancel()
             backoff = 1.0
             p.unreachable_since = None
             next_due = time.monotonic() + max(self.cfg.min_cycle_interval, prot["rpo"] / 2)

@@ -143,7 +143,9 @@ def test_libvirtd_restarts_are_survived(site: tuple[Site, WritingGuest], tmp_pat
     print(f"markers resumed {', '.join(f'{t:.1f}' for t in resumed)} s after libvirtd restarts (RPO {RPO} s)")
     pair_states, dom = states(s)
     assert pair_states == {"active"} and dom["state"] == "active", (pair_states, dom)
-    # Every retained marker restores to a consistent cut, and the cuts never go back.
+    # Every retained marker restores to a consistent cut, and the cuts never go back
+    # (replication held meanwhile, or retention would drop markers under the loop).
+    s.pri.call("suspend", domain=GUEST)
     oracle = stamps.Oracle(DISKS, BLOCKS)
     cuts = []
     for m in s.sec.call("markers", domain=GUEST)["markers"]:
@@ -152,6 +154,7 @@ def test_libvirtd_restarts_are_survived(site: tuple[Site, WritingGuest], tmp_pat
         assert result.ok, (m["seq"], result.summary())
         cuts.append(result.cut_seq)
     assert len(cuts) >= 4 and cuts == sorted(cuts), cuts
+    s.pri.call("resume", domain=GUEST)
 
 
 def test_stop_start_and_agent_start_while_shut_off(site: tuple[Site, WritingGuest], tmp_path: Path,
