@@ -3,16 +3,19 @@ the store applying it with one WARNING on entry into a bad state."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from plugin.domain import BAD_STATES, PairEvent, PairState, next_state, severity
+from plugin.domain import BAD_STATES, PairEvent, PairState, Protection, next_state, severity
 from plugin.state import Store
 
 S = PairState
@@ -142,3 +145,47 @@ def test_store_transition_of_one_target(store: Store) -> None:
     store.upsert_pair(UUID, "primary", "web01", "vdb", "dr1", 1, S.ACTIVE)
     store.transition(UUID, "primary", E.CRASHED, "bitmap inconsistent", target="vdb")
     assert {p.target: p.state for p in store.pairs("primary")} == {"vda": S.ACTIVE, "vdb": S.NEEDS_RESYNC}
+
+
+def agent_with(tmp_path: Path, store: Store) -> Any:
+    from plugin.config import Config
+    from plugin.daemon import Agent
+    agent = Agent(Config(name="pri", listen_host="127.0.0.1", listen_port=8441, state_dir=str(tmp_path / "state"),
+                         keys_dir=str(tmp_path / "keys"), peers={}))
+    agent.store = store
+    return agent
+
+
+def protect(store: Store, uuid: str, name: str, state: PairState, reason: str = "", rpo: int = 300) -> None:
+    store.add_protection(uuid, "primary", name, Protection(peer="dr1", rpo=rpo))
+    store.upsert_pair(uuid, "primary", name, "vda", "dr1", 1 << 20, S.INITIAL_COPY)
+    store.set_pair_state(uuid, "primary", state, reason)
+
+
+def test_status_lists_the_worst_first_with_its_reason(tmp_path: Path, store: Store) -> None:
+    protect(store, "00000000-0000-0000-0000-00000000000a", "app", S.ACTIVE)
+    protect(store, "00000000-0000-0000-0000-00000000000b", "web", S.STOPPED, "domain not running (shutdown)")
+    protect(store, "00000000-0000-0000-0000-00000000000c", "db", S.ERROR, "internal error: boom")
+    protect(store, "00000000-0000-0000-0000-00000000000d", "mail", S.DISCONNECTED, "dr1 unreachable since 12:00")
+    status = asyncio.run(agent_with(tmp_path, store).op_status({}))
+    assert [(d["domain"], d["state"], d["reason"]) for d in status["domains"]] == [
+        ("db", "error", "internal error: boom"),
+        ("mail", "disconnected", "dr1 unreachable since 12:00"),
+        ("web", "stopped", "domain not running (shutdown)"),
+        ("app", "active", ""),
+    ]
+
+
+def test_pairs_say_behind_once_the_newest_marker_is_older_than_the_rpo(tmp_path: Path, store: Store,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    protect(store, UUID, "web", S.ACTIVE, rpo=60)
+    store.finish_cycle(store.start_cycle(UUID, 1, "full"), 1 << 20)
+    agent = agent_with(tmp_path, store)
+    assert [p["state"] for p in agent._pairs_json()] == ["active"]
+    later = time.time() + 61
+    monkeypatch.setattr("plugin.daemon.time.time", lambda: later)
+    (pair,) = agent._pairs_json()
+    assert pair["state"] == "behind" and "over the RPO of 60s" in pair["reason"], pair
+    # A stopped domain is not late: it writes nothing.
+    store.set_pair_state(UUID, "primary", S.STOPPED, "domain not running (destroyed)")
+    assert [p["state"] for p in agent._pairs_json()] == ["stopped"]
