@@ -513,7 +513,10 @@ class Agent:
 
     async def _domain_stopped(self, p: Protected, reason: str) -> None:
         """The domain's QEMU is gone (``reason``: libvirt's word: shutdown, destroyed,
-        saved, crashed, failed, ...). Called once per stop, no cycle in flight, p.lock held."""
+        saved, crashed, failed, ...). Called once per stop (and once at agent start while
+        the domain is off), no cycle in flight, p.lock held; an exception is retried with
+        backoff. States go through ``Store.transition``: STOPPED, or CRASHED for
+        ``needs resync`` (which only COPY_STARTED, a re-copy, ends)."""
         self._store().transition(p.uuid, PRIMARY, PairEvent.STOPPED, f"domain not running ({reason})")
 
     async def _domain_started(self, p: Protected) -> None:
