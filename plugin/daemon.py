@@ -776,15 +776,16 @@ class Agent:
                 store.transition(p.uuid, PRIMARY, PairEvent.STOPPED, f"domain not running ({reason})")
             return False
         if not p.attached:
+            why = "agent start" if p.running is None else "domain started" if p.running is False else "re-attached"
             async with p.lock:
                 await self._domain_started(p)
             p.attached = True
             p.running = True
-            log.getChild(p.name).info("domain running: attached to its QEMU")
+            log.getChild(p.name).info("domain running: attached to its QEMU (%s)", why)
             store.transition(p.uuid, PRIMARY, PairEvent.STARTED)
             # Changes made while we were not looking (agent down, domain off, missed
             # events) are found before any cycle runs.
-            await self._track(p.uuid, "domain started")
+            await self._track(p.uuid, why)
         return True
 
     async def _run_domain(self, p: Protected) -> None:
