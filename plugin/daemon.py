@@ -937,7 +937,15 @@ class Agent:
         store = self._store()
         prot = store.protection(p.uuid, PRIMARY)
         await self._stop_supervisor(p)
-        await p.replicator.remove_all()
+        state = await self._domain_state(p)
+        if state is None or state[0]:
+            if not p.attached:
+                await self._attach(p)  # the QEMU that runs now, through the current connection
+            await p.replicator.remove_all()
+        else:
+            # Nothing to remove in a QEMU that is gone; its persistent bitmaps stay in the
+            # images, where a later protect's full copy drops them first.
+            log.getChild(p.name).info("unprotect while %s: the images keep virtsync's bitmaps", state[1])
         await p.qmp.close()
         if prot is not None and prot["peer"] in self.peers:
             await self.peers[prot["peer"]].call("remove", {"uuid": p.uuid, "keep_replica": keep})

@@ -10,7 +10,7 @@ issue 21 item 4), on one pair of lab hosts shared by the scenarios, in order:
    and ``pairs`` never says ``active`` then; the agent restarts while the VM is shut
    off; the VM starts again (its writes continue the sequence): the next marker is an
    increment of what the guest dirtied, checked against the oracle; the agent also
-   starts with the VM paused.
+   starts with the VM paused; a shut-off VM can be unprotected.
 """
 
 from __future__ import annotations
@@ -233,3 +233,9 @@ def test_stop_start_and_agent_start_while_shut_off(site: tuple[Site, WritingGues
     s.pri.start()
     assert s.pri.call("mark", domain=GUEST, timeout=120)["seq"] > mark["seq"]
     assert_replicating(s)
+
+    # And a shut-off VM can be unprotected.
+    host.virsh("destroy", GUEST)
+    wait_for("pairs to say stopped", lambda: states(s)[0] == {"stopped"}, timeout=60, poll=0.2)
+    assert s.pri.call("unprotect", domain=GUEST)["domain"] == GUEST
+    assert s.pri.call("pairs")["pairs"] == [] and "vs:protection" not in host.virsh("dumpxml", "--inactive", GUEST)
