@@ -3,6 +3,7 @@ from the rest of the project."""
 
 from __future__ import annotations
 
+from .lifecycle import BAD_STATES, PairEvent, next_state, severity
 from .models import (
     MAX_LABEL,
     DiskSpec,
@@ -14,4 +15,5 @@ from .models import (
     label_problem,
 )
 
-__all__ = ["MAX_LABEL", "DiskSpec", "Marker", "Pair", "PairState", "PeerSpec", "Protection", "label_problem"]
+__all__ = ["BAD_STATES", "MAX_LABEL", "DiskSpec", "Marker", "Pair", "PairEvent", "PairState", "PeerSpec",
+           "Protection", "label_problem", "next_state", "severity"]

@@ -55,7 +55,7 @@ from qemu_blockdev import (
 )
 from qemu_blockdev.transport import QmpTransport
 
-from ..domain import DiskSpec, PairState
+from ..domain import DiskSpec, PairEvent, PairState
 from ..errors import PluginError
 from ..peer import PeerClient
 from ..state import Store
@@ -179,6 +179,11 @@ class DomainReplicator:
     @property
     def targets(self) -> list[str]:
         return [d.target for d in self.disks]
+
+    def reattached(self) -> None:
+        """``qmp`` now reaches a new QEMU or a new libvirtd connection: leftovers of a
+        cycle cut off by that change are swept before the next cycle."""
+        self._swept = False
 
     def _generation(self) -> int:
         prot = self.store.protection(self.uuid, ROLE)
@@ -425,7 +430,7 @@ class DomainReplicator:
         with self.store.transaction() as db:
             db.execute("UPDATE pairs SET last_marker = ?, bytes_done = bytes_total WHERE domain_uuid = ?"
                        " AND role = ? AND state != 'deleted'", (seq, self.uuid, ROLE))
-        self.store.set_pair_state(self.uuid, ROLE, PairState.ACTIVE)
+        self.store.transition(self.uuid, ROLE, PairEvent.CYCLE_OK)
 
     async def _wait_jobs(self, movers: dict[str, tuple[JobTracker, str]], stats: CycleStats,
                          on_progress: Callable[[dict[str, Any]], Awaitable[None]] | None) -> None:
@@ -461,8 +466,8 @@ class DomainReplicator:
                     self.store.set_pair_state(self.uuid, ROLE, self._live_state(stats))
             elif not stalled and now - last_move > self.stall_after:
                 stalled = True
-                self.store.set_pair_state(self.uuid, ROLE, PairState.ERROR,
-                                          f"stalled: no data moved for {self.stall_after:g}s (peer link?), retrying")
+                self.store.transition(self.uuid, ROLE, PairEvent.CYCLE_FAILED,
+                                      f"stalled: no data moved for {self.stall_after:g}s (peer link?), retrying")
             if now > deadline:
                 raise CycleError(f"cycle {stats.seq} did not finish within {self.cycle_timeout:g}s")
 

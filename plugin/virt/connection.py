@@ -12,15 +12,21 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+from collections.abc import Callable
 
 import libvirt
 import libvirtaio
 
 from plugin.errors import DomainNotFoundError, VirtError
 
-__all__ = ["close_connection", "ensure_event_impl", "open_connection", "shutdown_events", "virt_error"]
+__all__ = ["close_connection", "ensure_event_impl", "is_alive", "open_connection", "shutdown_events", "virt_error",
+           "watch_close"]
 
 log = logging.getLogger("virtsync.virt")
+
+#: Keepalive probes every KEEPALIVE_INTERVAL s; the connection is dead after KEEPALIVE_COUNT unanswered.
+KEEPALIVE_INTERVAL = 5
+KEEPALIVE_COUNT = 3
 
 
 def virt_error(error: libvirt.libvirtError, context: str = "") -> VirtError:
@@ -78,6 +84,33 @@ async def open_connection(uri: str) -> libvirt.virConnect:
     return conn
 
 
+def watch_close(conn: libvirt.virConnect, on_close: Callable[[str], None]) -> None:
+    """Call ``on_close(reason)`` on the loop when the connection closes (libvirtd
+    stopped or restarted, socket EOF, keepalive timeout). libvirt notices a dead
+    peer that never closes the socket only through keepalive, so that is on too."""
+    reasons = {libvirt.VIR_CONNECT_CLOSE_REASON_ERROR: "error", libvirt.VIR_CONNECT_CLOSE_REASON_EOF: "end of file",
+               libvirt.VIR_CONNECT_CLOSE_REASON_KEEPALIVE: "keepalive timeout",
+               libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT: "closed by us"}
+
+    def callback(_conn: libvirt.virConnect, reason: int, _opaque: object) -> None:
+        if reason != libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT:  # our own close: nothing lost
+            on_close(reasons.get(reason, f"reason {reason}"))
+
+    try:
+        conn.registerCloseCallback(callback, None)
+        conn.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
+    except libvirt.libvirtError as e:
+        raise virt_error(e, "cannot watch the libvirt connection") from e
+
+
+def is_alive(conn: libvirt.virConnect) -> bool:
+    """False once the connection is closed (blocking: call in a thread)."""
+    try:
+        return bool(conn.isAlive())
+    except libvirt.libvirtError:
+        return False
+
+
 #: How long the agent's stop waits for libvirt to hand back its file handles and timers.
 DRAIN_TIMEOUT = 5.0
 
@@ -90,6 +123,11 @@ async def close_connection(conn: libvirt.virConnect) -> None:
     the event implementation. So the caller drops its domains first, and the garbage ones
     held only by reference cycles (tasks, dataclasses) are collected here.
     """
+    # The close callback holds a reference to the connection: drop it, or it never closes.
+    try:
+        conn.unregisterCloseCallback()
+    except libvirt.libvirtError:
+        pass   # none registered
     gc.collect()
     try:
         await asyncio.to_thread(conn.close)
