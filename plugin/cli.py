@@ -410,12 +410,18 @@ class StatusCommand(Command):
         rows = []
         for d in domains:
             lag, rpo = _number(d.get("lag_seconds")), _number(d.get("rpo"))
-            late = lag is not None and rpo is not None and lag > rpo
+            # A stopped or suspended domain writes nothing new: its age is no lateness.
+            late = lag is not None and rpo is not None and lag > rpo and d.get("state") not in ("stopped", "suspended")
             marker = d.get("last_marker")
             rows.append([_cell(d.get("domain")), _cell(d.get("peer")), _cell(d.get("state")),
                          human_duration(lag) + (" (over RPO)" if late else ""),
                          human_duration(rpo), _cell(marker) if marker else "-"])
-        lines += table(("DOMAIN", "PEER", "STATE", "LAG", "RPO", "MARKER"), rows, "  ")
+        head, *body = table(("DOMAIN", "PEER", "STATE", "LAG", "RPO", "MARKER"), rows, "  ")
+        lines.append(head)
+        for d, line in zip(domains, body, strict=True):
+            lines.append(line)
+            if d.get("reason"):
+                lines.append(f"      reason: {one_line(str(d['reason']))}")
         return lines
 
 

@@ -22,12 +22,14 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from qemu_blockdev import BlockdevError
+
 from . import config as config_mod
-from . import hook, ipc, peer, peer_api, tracker
+from . import faults, hook, ipc, peer, peer_api, tracker
 from . import keys as keys_mod
 from .config import Config
-from .domain import DiskSpec, PairState, Protection
-from .errors import ConfigError, PluginError, StateConflictError
+from .domain import DiskSpec, PairEvent, PairState, Protection, next_state, severity
+from .errors import ConfigError, PluginError, StateConflictError, VirtError
 from .replication.primary import CutRefusedError, CycleError, DomainReplicator, resolve_nodes
 from .replication.secondary import Secondary
 from .replication.shipper import NbdTls
@@ -36,10 +38,13 @@ from .requests import UsageError, arg
 from .state import Store
 from .tracker import ChangeKind, DiskEntry
 from .virt import domains, events
-from .virt.connection import close_connection, open_connection
+from .virt.connection import close_connection, is_alive, open_connection, watch_close
 from .virt.qmp_bridge import LibvirtQmpTransport
 
 log = logging.getLogger("virtsync.daemon")
+# States of pairs whose cycles run (or are retried).
+_LIVE = frozenset({PairState.INITIAL_COPY, PairState.ACTIVE, PairState.BEHIND, PairState.DISCONNECTED,
+                   PairState.ERROR})
 PRIMARY = "primary"
 MAX_BACKOFF = 30.0
 
@@ -112,6 +117,16 @@ class Quiesce:
                 log.getChild(self.name).info("thaw after a failed freeze: %s", e)
 
 
+def _peer_unreachable(e: BaseException) -> bool:
+    """Whether a cycle failed because the peer could not be reached (anywhere in the chain)."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, peer.PeerUnreachableError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _agent_reason(e: PluginError) -> str:
     """libvirt's words, without our ``domain X: freeze:`` prefix."""
     text = str(e)
@@ -135,6 +150,13 @@ class Protected:
     first_marker: asyncio.Event = field(default_factory=asyncio.Event)
     # Held by a cycle, and by the tracker while it changes the disk set.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # The domain's QEMU as the supervisor last saw it: None before the first look.
+    running: bool | None = None
+    # qmp and the replicator's node names belong to the QEMU that runs now.
+    attached: bool = False
+    # _domain_stopped has run for the current stop (it is retried until it has).
+    stop_handled: bool = False
+    unreachable_since: float | None = None  # first failed cycle of the current peer outage
 
 
 class Agent:
@@ -156,6 +178,7 @@ class Agent:
         self._events: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self._event_ids: list[int] = []
         self._tracker_task: asyncio.Task[None] | None = None
+        self._reconnect_task: asyncio.Task[None] | None = None
         self._delay_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
@@ -173,7 +196,7 @@ class Agent:
         app = peer.make_app(self._peer_handlers(), identify)
         self._runners.append(await peer.start_server(app, self.cfg.listen_host, self.cfg.listen_port, server_ssl))
         self.conn = await open_connection(self.cfg.libvirt_uri)
-        self._event_ids = events.register(self.conn, self._events)
+        self._watch_libvirt(self.conn)
         self._tracker_task = asyncio.create_task(self._tracker_loop(), name="vs-tracker")
         if self.cfg.apply_delay > 0:
             self._delay_task = asyncio.create_task(self._apply_delayed_loop(), name="vs-apply-delay")
@@ -182,7 +205,7 @@ class Agent:
                 await self._supervise(prot["domain_uuid"])
             except PluginError as e:
                 log.error("cannot resume protection of %s: %s", prot["domain"], e)
-                self.store.set_pair_state(prot["domain_uuid"], PRIMARY, PairState.ERROR, str(e))
+                self.store.transition(prot["domain_uuid"], PRIMARY, PairEvent.CYCLE_FAILED, str(e))
         os.makedirs(os.path.dirname(self.cfg.socket) or ".", mode=0o755, exist_ok=True)
         self._runners.append(await ipc.serve(self.cfg.socket, self.handle, mode=0o660,
                                              group=self._socket_group()))
@@ -256,8 +279,55 @@ class Agent:
             raise ConfigError(f"another virtsyncd already uses {self.cfg.state_dir}") from None
         self._lock_fd = fd
 
+    # -- the libvirt connection: watched, and made again when libvirtd restarts ----
+
+    def _watch_libvirt(self, conn: Any) -> None:
+        self._event_ids = events.register(conn, self._events, self._on_lifecycle)
+        watch_close(conn, self._libvirt_lost)
+
+    def _on_lifecycle(self, uuid: str, what: str) -> None:
+        """A domain's QEMU started or stopped: its supervisor looks again (a pause
+        changes nothing: cycles run on a paused domain)."""
+        p = self.protected.get(uuid)
+        if p is not None and what in ("started", "stopped"):
+            p.attached = False
+            p.wake.set()
+
+    def _libvirt_lost(self, reason: str) -> None:
+        if self._reconnect_task is None or self._reconnect_task.done():
+            self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect(reason),
+                                                                          name="vs-libvirt-reconnect")
+
+    async def _reconnect(self, reason: str) -> None:
+        """Open a new connection with backoff, register the events again, and let
+        every supervisor re-attach (QMP through the old connection is dead)."""
+        old, self.conn = self.conn, None
+        log.warning("libvirt connection lost (%s): reconnecting to %s", reason, self.cfg.libvirt_uri)
+        for p in self.protected.values():
+            p.attached = False
+        if old is not None:
+            events.deregister(old, self._event_ids)
+            self._event_ids = []
+            await close_connection(old)
+        backoff = 0.5
+        while True:
+            try:
+                conn = await open_connection(self.cfg.libvirt_uri)
+                self._watch_libvirt(conn)
+                break
+            except PluginError as e:
+                log.info("libvirt reconnect: %s; retrying in %gs", e, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF / 3)
+        self.conn = conn
+        log.info("libvirt connection back: %s", self.cfg.libvirt_uri)
+        for p in self.protected.values():
+            p.attached = False
+            p.wake.set()
+            self._events.put_nowait((p.uuid, "libvirt reconnected"))
+
     async def stop(self) -> None:
-        for task in (self._tracker_task, self._delay_task):
+        for task in (self._tracker_task, self._delay_task, self._reconnect_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -292,6 +362,12 @@ class Agent:
     def _sec(self) -> Secondary:
         assert self.secondary is not None
         return self.secondary
+
+    def _libvirt(self) -> Any:
+        """The libvirt connection; refused in one line while it is being made again."""
+        if self.conn is None:
+            raise VirtError(f"libvirt connection to {self.cfg.libvirt_uri} lost: reconnecting, try again shortly")
+        return self.conn
 
     def _store(self) -> Store:
         assert self.store is not None
@@ -332,8 +408,7 @@ class Agent:
         if client is None:
             self.cfg.peer(peer_name)  # raises the ConfigError naming the known peers
         assert client is not None
-        assert self.conn is not None
-        dom = await domains.lookup(self.conn, name)
+        dom = await domains.lookup(self._libvirt(), name)
         uuid = dom.UUIDString()
         store = self._store()
         # Check and reserve with no await in between: a second protect of the same domain
@@ -409,36 +484,66 @@ class Agent:
         return [specs[t] for t in sorted(specs)]
 
     async def _supervise(self, uuid: str) -> None:
+        """Make the domain's supervisor, in whatever state the domain is (shut off,
+        paused, running): it attaches to the domain's QEMU when that runs."""
         store = self._store()
         prot = store.protection(uuid, PRIMARY)
         assert prot is not None and self.conn is not None
         dom = await domains.lookup_uuid(self.conn, uuid)
-        qmp = LibvirtQmpTransport(dom)
-        await qmp.connect()
+        # The live XML of a running domain, the persistent one of a shut-off domain: the
+        # disks' sources either way; node names come when QEMU runs (_domain_started).
         xml = await domains.live_xml(dom)
-        entries, specs, exclude = await self._current_disks(dom, qmp, xml)
-        # Cycles start with the disks that have pairs; any other disk (attached, or
-        # no longer excluded, since protect read the list) is the tracker's to add,
-        # below: it prepares the replica first.
-        paired = {pair.target for pair in store.pairs(PRIMARY, uuid)}
-        disks = [specs[t] for t in sorted(specs) if t in paired]
-        if store.disk_list(uuid) is None:
-            store.save_disk_list(uuid, {"disks": [e.to_json() for e in entries if e.target in paired],
-                                        "exclude": sorted(exclude)}, "protect")
+        sizes = {pair.target: pair.size for pair in store.pairs(PRIMARY, uuid)}
+        disks = [DiskSpec(d.target, d.source, d.fmt, sizes[d.target], "", d.alias)
+                 for d in domains.parse_disks(xml) if d.target in sizes]
         assert self.qsd.qmp is not None, "the storage daemon starts first"
-        owner = domains.qemu_owner(xml)
+        qmp = LibvirtQmpTransport(dom)
         rep = DomainReplicator(store=store, peer=self.peers[prot["peer"]], qmp=qmp, uuid=uuid, domain=prot["domain"],
-                               disks=disks, scratch=self.cfg.scratch, stage_owner=owner, shipper=self.qsd.qmp,
-                               cycle_timeout=self.cfg.cycle_timeout, stall_after=self.cfg.stall_after,
-                               speed_limit=self.cfg.speed_limit, tls=self._link_tls(prot["peer"]))
+                               disks=disks, scratch=self.cfg.scratch, stage_owner=domains.qemu_owner(xml),
+                               shipper=self.qsd.qmp, cycle_timeout=self.cfg.cycle_timeout,
+                               stall_after=self.cfg.stall_after, speed_limit=self.cfg.speed_limit,
+                               tls=self._link_tls(prot["peer"]))
         p = Protected(uuid, prot["domain"], rep, qmp)
         if prot["generation"]:
             p.first_marker.set()
         self.protected[uuid] = p
-        # Changes made while we were not looking (agent down, missed events)
-        # are found before any cycle runs.
-        await self._track(uuid, "agent start")
-        p.task = asyncio.create_task(self._run_domain(p), name=f"vs-domain-{p.name}")
+        p.task = asyncio.create_task(self._supervisor(p), name=f"vs-domain-{p.name}")
+
+    # -- the domain's life (hooks of the supervisor) ------------------------------
+
+    async def _domain_stopped(self, p: Protected, reason: str) -> None:
+        """The domain's QEMU is gone (``reason``: libvirt's word: shutdown, destroyed,
+        saved, crashed, failed, ...). Called once per stop, no cycle in flight, p.lock held."""
+        self._store().transition(p.uuid, PRIMARY, PairEvent.STOPPED, f"domain not running ({reason})")
+
+    async def _domain_started(self, p: Protected) -> None:
+        """The domain's QEMU runs (again, or for the first time since the agent
+        started): before any cycle, p.lock held. Attaches to this QEMU."""
+        await self._attach(p)
+
+    async def _attach(self, p: Protected) -> None:
+        """A new QMP transport on the current connection's domain object (the old one
+        may belong to a QEMU or a libvirtd that is gone), and the disks' node names."""
+        assert self.conn is not None
+        store = self._store()
+        dom = await domains.lookup_uuid(self.conn, p.uuid)
+        old, qmp = p.qmp, LibvirtQmpTransport(dom)
+        await old.close()
+        await qmp.connect()
+        xml = await domains.live_xml(dom)
+        entries, specs, exclude = await self._current_disks(dom, qmp, xml)
+        # Cycles run with the disks that have pairs; any other disk (attached, or no
+        # longer excluded, since protect read the list) is the tracker's to add: it
+        # prepares the replica first.
+        paired = {pair.target for pair in store.pairs(PRIMARY, p.uuid)}
+        if store.disk_list(p.uuid) is None:
+            store.save_disk_list(p.uuid, {"disks": [e.to_json() for e in entries if e.target in paired],
+                                          "exclude": sorted(exclude)}, "protect")
+        p.qmp = qmp
+        p.replicator.qmp = qmp
+        p.replicator.disks = [specs[t] for t in sorted(specs) if t in paired]
+        p.replicator.stage_owner = domains.qemu_owner(xml)
+        p.replicator.reattached()
 
     # -- the mapping tracker ----------------------------------------------------
 
@@ -587,9 +692,101 @@ class Agent:
     async def op_tracker(self, args: dict[str, Any]) -> Any:
         return {"changes": self._store().tracker_log(arg(args, "domain", str, None))}
 
+    async def _supervisor(self, p: Protected) -> None:
+        """The domain's task: runs :meth:`_run_domain` and restarts it after an
+        unexpected exception, with backoff, so no group dies silently. Each failure
+        is logged (with its traceback when it is a new one) and shown as ``error``."""
+        store = self._store()
+        dlog = log.getChild(p.name)
+        backoff = 1.0
+        last = ""
+        while True:
+            began = time.monotonic()
+            try:
+                await self._run_domain(p)
+                return  # no longer protected
+            except Exception as e:  # noqa: BLE001 - the point: nothing ends this task but unprotect
+                what = f"{type(e).__name__}: {e}"
+                if time.monotonic() - began > 10 * MAX_BACKOFF:
+                    backoff = 1.0  # it ran well for a while: a new failure, not the same loop
+                reason = f"internal error: {what}; supervisor restarts in {backoff:g}s"
+                if what != last:
+                    dlog.error("supervisor failed: %s", reason, exc_info=e)
+                else:
+                    dlog.warning("supervisor failed again: %s", reason)
+                last = what
+                p.attached = False
+                self._fail_marks(p, CycleError(f"{p.name}: {what}"))
+                with contextlib.suppress(Exception):
+                    store.transition(p.uuid, PRIMARY, PairEvent.CYCLE_FAILED, reason)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+
+    def _fail_marks(self, p: Protected, error: Exception) -> None:
+        while p.marks:
+            pending = p.marks.pop(0)
+            if not pending.done.done():
+                pending.done.set_exception(error)
+
+    def _not_running_error(self, p: Protected, why: str) -> StateConflictError:
+        return StateConflictError(f"{p.name} is not running ({why}): start it to cut a marker",
+                                  state="stopped", required="running")
+
+    async def _domain_state(self, p: Protected) -> tuple[bool, str] | None:
+        """Whether the domain's QEMU runs (paused counts), with libvirt's reason;
+        None while libvirt cannot be asked (the connection is being re-made)."""
+        conn = self.conn
+        if conn is None:
+            return None
+        try:
+            dom = await domains.lookup_uuid(conn, p.uuid)
+            return await domains.qemu_state(dom)
+        except VirtError:
+            if not await asyncio.to_thread(is_alive, conn):
+                self._libvirt_lost("the connection is dead")
+                return None
+            raise
+
+    async def _follow_lifecycle(self, p: Protected) -> bool:
+        """Bring the supervisor in line with the domain's QEMU; True when cycles can run."""
+        store = self._store()
+        state = await self._domain_state(p)
+        if state is None:
+            store.transition(p.uuid, PRIMARY, PairEvent.CYCLE_FAILED,
+                             "libvirt connection lost: reconnecting")
+            p.attached = False
+            return False
+        running, reason = state
+        if not running:
+            p.attached = False
+            if p.running is not False:
+                p.stop_handled = False
+            p.running = False
+            if not p.stop_handled:
+                log.getChild(p.name).info("domain not running (%s)", reason)
+                self._fail_marks(p, self._not_running_error(p, reason))
+                async with p.lock:
+                    await self._domain_stopped(p, reason)
+                p.stop_handled = True
+            elif any(pair.state in _LIVE for pair in store.pairs(PRIMARY, p.uuid)):
+                # Handled, but since then resumed, or failed on a lost libvirt: still stopped.
+                store.transition(p.uuid, PRIMARY, PairEvent.STOPPED, f"domain not running ({reason})")
+            return False
+        if not p.attached:
+            async with p.lock:
+                await self._domain_started(p)
+            p.attached = True
+            p.running = True
+            log.getChild(p.name).info("domain running: attached to its QEMU")
+            store.transition(p.uuid, PRIMARY, PairEvent.STARTED)
+            # Changes made while we were not looking (agent down, domain off, missed
+            # events) are found before any cycle runs.
+            await self._track(p.uuid, "domain started")
+        return True
+
     async def _run_domain(self, p: Protected) -> None:
-        """The per-domain supervisor: cycles every rpo/2, sooner on request;
-        failures are recorded and retried with backoff."""
+        """The per-domain supervisor: follows the domain's QEMU, cycles every rpo/2
+        while it runs, sooner on request; failures are recorded and retried with backoff."""
         store = self._store()
         backoff = 1.0
         next_due = 0.0  # monotonic time of the next scheduled cycle
@@ -597,25 +794,51 @@ class Agent:
         while True:
             prot = store.protection(p.uuid, PRIMARY)
             if prot is None:
-                for pending in p.marks:  # nobody will cut them now
-                    if not pending.done.done():
-                        pending.done.set_exception(StateConflictError(f"{p.name} is no longer protected",
-                                                                   state="unprotected", required="protected"))
+                # nobody will cut them now
+                self._fail_marks(p, StateConflictError(f"{p.name} is no longer protected",
+                                                       state="unprotected", required="protected"))
                 return
             if prot["suspended"] and not p.marks:
                 p.wake.clear()
                 await p.wake.wait()
                 continue
+            if not p.attached:
+                p.wake.clear()
+                try:
+                    ready = await self._follow_lifecycle(p)
+                except (PluginError, BlockdevError) as e:
+                    # The domain moved under us (stopped while attaching), or libvirt failed: look again.
+                    reason = f"{e}; retrying in {backoff:g}s"
+                    dlog.info("%s", reason)
+                    store.transition(p.uuid, PRIMARY, PairEvent.CYCLE_FAILED, reason)
+                    self._fail_marks(p, CycleError(str(e)))
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, MAX_BACKOFF)
+                    continue
+                if not ready:
+                    # Lifecycle events (and a new libvirt connection) wake us; the
+                    # timeout is the safety net against a missed one.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(min(self.cfg.tracker_interval, MAX_BACKOFF)):
+                            await p.wake.wait()
+                    continue
+                next_due = 0.0  # a fresh start: catch up at once
             delay = 0.0 if p.marks else next_due - time.monotonic()
             if delay > 0:
+                self._check_lag(p, prot["rpo"])
                 p.wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):
+                    async with asyncio.timeout(min(delay, self._until_late(p, prot["rpo"]))):
                         await p.wake.wait()
                 continue
+            faults.fault_raise("supervisor-before-cycle")
             mark = p.marks.pop(0) if p.marks else None
             quiesce = (Quiesce(p.qmp.domain, p.name, mark.crash_consistent_ok)
                        if mark is not None and mark.quiesce else None)
+            # A cycle that outlasts the RPO makes the pairs late while it runs.
+            until_late = self._until_late(p, prot["rpo"])
+            late = (asyncio.get_running_loop().call_later(until_late, self._check_lag, p, prot["rpo"])
+                    if until_late != float("inf") else None)
             try:
                 async with p.lock:
                     stats = await p.replicator.cycle(label=mark.label if mark else "",
@@ -631,16 +854,38 @@ class Agent:
                 if mark is not None and not mark.done.done():
                     mark.done.set_exception(cause)
                 continue
-            except (CycleError, PluginError) as e:
-                reason = f"{e}; retrying in {backoff:g}s"
-                dlog.warning("%s", reason)
-                store.set_pair_state(p.uuid, PRIMARY, PairState.ERROR, reason)
+            except (CycleError, PluginError, BlockdevError) as e:
+                state = None
+                with contextlib.suppress(PluginError):
+                    state = await self._domain_state(p)
+                if state is None or not state[0]:
+                    # QEMU (or libvirtd) went away mid-cycle: a stop, not a failure of ours.
+                    dlog.info("cycle ended by the domain's stop or libvirt: %s", e)
+                    p.attached = False
+                    if mark is not None and not mark.done.done():
+                        mark.done.set_exception(self._not_running_error(p, state[1]) if state
+                                                else CycleError(f"{e}; libvirt connection lost"))
+                    continue
+                if _peer_unreachable(e):
+                    p.unreachable_since = p.unreachable_since or time.time()
+                    since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(p.unreachable_since))
+                    reason = f"peer {prot['peer']} unreachable since {since}: {e}; retrying in {backoff:g}s"
+                    event = PairEvent.PEER_UNREACHABLE
+                else:
+                    reason = f"{e}; retrying in {backoff:g}s"
+                    event = PairEvent.CYCLE_FAILED
+                dlog.info("%s", reason)  # the state machine warns once, on entry into the bad state
+                store.transition(p.uuid, PRIMARY, event, reason)
                 if mark is not None and not mark.done.done():
                     mark.done.set_exception(CycleError(str(e)))
                 next_due = time.monotonic() + backoff
                 backoff = min(backoff * 2, MAX_BACKOFF)
                 continue
+            finally:
+                if late is not None:
+                    late.cancel()
             backoff = 1.0
+            p.unreachable_since = None
             next_due = time.monotonic() + max(self.cfg.min_cycle_interval, prot["rpo"] / 2)
             p.first_marker.set()
             if mark is not None:
@@ -661,6 +906,21 @@ class Agent:
                         result["thaw_error"] = quiesce.thaw_error
                     mark.done.set_result(result)
 
+    def _lag(self, p: Protected) -> float | None:
+        cut = p.replicator.last.cut_time or self._last_cut(p.uuid)
+        return time.time() - cut if cut else None
+
+    def _until_late(self, p: Protected, rpo: int) -> float:
+        """Seconds until the newest marker is older than the RPO (inf: no marker yet)."""
+        lag = self._lag(p)
+        return max(rpo - lag, 0.5) if lag is not None and lag <= rpo else float("inf")
+
+    def _check_lag(self, p: Protected, rpo: int) -> None:
+        lag = self._lag(p)
+        if lag is not None and lag > rpo:
+            self._store().transition(p.uuid, PRIMARY, PairEvent.LAG_OVER_RPO,
+                                     f"newest marker {lag:.0f}s old, over the RPO of {rpo}s")
+
     async def _stop_supervisor(self, p: Protected) -> None:
         if p.task is not None and not p.task.done():
             p.task.cancel()
@@ -677,9 +937,8 @@ class Agent:
         await p.qmp.close()
         if prot is not None and prot["peer"] in self.peers:
             await self.peers[prot["peer"]].call("remove", {"uuid": p.uuid, "keep_replica": keep})
-        assert self.conn is not None
         with contextlib.suppress(PluginError):
-            await domains.set_protection(await domains.lookup_uuid(self.conn, p.uuid), None)
+            await domains.set_protection(await domains.lookup_uuid(self._libvirt(), p.uuid), None)
         store.remove_protection(p.uuid, PRIMARY)
         del self.protected[p.uuid]
         return {"domain": p.name, "replica_kept": keep}
@@ -691,15 +950,15 @@ class Agent:
         async with asyncio.timeout(self.cfg.cycle_timeout):
             while p.replicator.in_flight is not None:
                 await asyncio.sleep(0.05)
-        self._store().set_pair_state(p.uuid, PRIMARY, PairState.SUSPENDED)
-        return {"domain": p.name, "state": PairState.SUSPENDED.value}
+        state = self._store().transition(p.uuid, PRIMARY, PairEvent.SUSPEND)
+        return {"domain": p.name, "state": (state or PairState.SUSPENDED).value}
 
     async def op_resume(self, args: dict[str, Any]) -> Any:
         p = self._find(arg(args, "domain", str))
         self._store().set_protection(p.uuid, PRIMARY, suspended=0)
-        self._store().set_pair_state(p.uuid, PRIMARY, PairState.ACTIVE)
+        state = self._store().transition(p.uuid, PRIMARY, PairEvent.RESUME)
         p.wake.set()
-        return {"domain": p.name, "state": PairState.ACTIVE.value}
+        return {"domain": p.name, "state": (state or PairState.ACTIVE).value}
 
     async def op_mark(self, args: dict[str, Any]) -> Any:
         p = self._find(arg(args, "domain", str))
@@ -711,6 +970,10 @@ class Agent:
                           asyncio.get_running_loop().create_future(), quiesce=quiesce, crash_consistent_ok=crash_ok)
         if p.task is None or p.task.done():
             raise StateConflictError(f"replication of {p.name} is not running", state="stopped", required="running")
+        if not p.attached:
+            state = await self._domain_state(p)
+            if state is not None and not state[0]:
+                raise self._not_running_error(p, state[1])
         p.marks.append(req)
         p.wake.set()
         if not arg(args, "wait", bool, True):
@@ -762,16 +1025,28 @@ class Agent:
             raise UsageError(f"{dest} is not empty: restore never overwrites")
         return await self._sec().restore(self._replica(args), arg(args, "marker", int), dest)
 
-    def _pairs_json(self, uuid: str | None = None) -> list[dict[str, Any]]:
+    def _pairs_json(self, uuid: str | None = None, down: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        """The pairs as they are now: the stored state, unless the domain is known
+        not to run (``down``: uuid -> libvirt's reason) or the newest marker is older
+        than the RPO, which the supervisor may not have recorded yet (a long cycle)."""
         out = []
         now = time.time()
-        for pair in self._store().pairs(PRIMARY, uuid):
+        store = self._store()
+        for pair in store.pairs(PRIMARY, uuid):
             p = self.protected.get(pair.domain_uuid)
             last = p.replicator.last if p else None
             cut = last.cut_time if last and last.cut_time else self._last_cut(pair.domain_uuid)
+            state, reason = pair.state, pair.reason
+            if down and pair.domain_uuid in down and next_state(state, PairEvent.STOPPED) is not state:
+                state = next_state(state, PairEvent.STOPPED)
+                reason = f"domain not running ({down[pair.domain_uuid]}): the agent is handling the stop"
+            prot = store.protection(pair.domain_uuid, PRIMARY)
+            if cut and prot and now - cut > prot["rpo"] and next_state(state, PairEvent.LAG_OVER_RPO) is not state:
+                state = next_state(state, PairEvent.LAG_OVER_RPO)
+                reason = f"newest marker {now - cut:.0f}s old, over the RPO of {prot['rpo']}s"
             out.append({
-                "domain": pair.domain, "target": pair.target, "peer": pair.peer, "state": pair.state.value,
-                "reason": pair.reason, "lag_seconds": round(now - cut, 3) if cut else None,
+                "domain": pair.domain, "target": pair.target, "peer": pair.peer, "state": state.value,
+                "reason": reason, "lag_seconds": round(now - cut, 3) if cut else None,
                 "bytes_behind": 0, "last_marker": pair.last_marker,
                 "throughput_bps": last.rate if last else None,
                 "bytes_done": pair.bytes_done, "bytes_total": pair.bytes_total,
@@ -784,10 +1059,22 @@ class Agent:
                 return float(row["started"])
         return None
 
+    async def _down(self) -> dict[str, str]:
+        """Protected domains whose QEMU the supervisor believes attached but that
+        do not run (the stop event is not handled yet): uuid -> libvirt's reason."""
+        down = {}
+        for p in list(self.protected.values()):
+            with contextlib.suppress(PluginError):
+                state = await self._domain_state(p)
+                if state is not None and not state[0]:
+                    down[p.uuid] = state[1]
+                    p.wake.set()
+        return down
+
     async def op_pairs(self, args: dict[str, Any]) -> Any:
         name = arg(args, "domain", str, None)
         uuid = self._find(name).uuid if name else None
-        pairs = self._pairs_json(uuid)
+        pairs = self._pairs_json(uuid, await self._down())
         for entry in pairs:
             p = next((x for x in self.protected.values() if x.name == entry["domain"]), None)
             if p is not None and p.replicator.in_flight is None:
@@ -805,13 +1092,17 @@ class Agent:
                 ok = False
             peers.append({"name": name, "address": f"{client.spec.address}:{client.spec.port}", "reachable": ok})
         doms = []
+        down = await self._down()
         for prot in self._store().protections(PRIMARY):
-            pairs = self._pairs_json(prot["domain_uuid"])
-            states = {pair["state"] for pair in pairs}
+            pairs = self._pairs_json(prot["domain_uuid"], down)
+            # The domain shows its worst pair, with that pair's reason.
+            worst = min(pairs, key=lambda pp: severity(PairState(pp["state"])), default=None)
             doms.append({"domain": prot["domain"], "peer": prot["peer"], "rpo": prot["rpo"],
-                         "state": "error" if "error" in states else (states.pop() if len(states) == 1 else "mixed"),
+                         "state": worst["state"] if worst else "-", "reason": worst["reason"] if worst else "",
                          "lag_seconds": max((pp["lag_seconds"] or 0 for pp in pairs), default=None),
                          "last_marker": prot["generation"]})
+        # Trouble first.
+        doms.sort(key=lambda d: severity(PairState(d["state"])) if d["state"] != "-" else len(PairState))
         return {"host": self.cfg.name, "peers": peers, "domains": doms}
 
 

@@ -3,6 +3,7 @@ from the rest of the project."""
 
 from __future__ import annotations
 
+from .lifecycle import BAD_STATES, PairEvent, next_state, severity
 from .models import (
     DiskSpec,
     Marker,
@@ -12,4 +13,5 @@ from .models import (
     Protection,
 )
 
-__all__ = ["DiskSpec", "Marker", "Pair", "PairState", "PeerSpec", "Protection"]
+__all__ = ["BAD_STATES", "DiskSpec", "Marker", "Pair", "PairEvent", "PairState", "PeerSpec", "Protection",
+           "next_state", "severity"]

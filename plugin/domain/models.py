@@ -7,15 +7,22 @@ from dataclasses import dataclass, field
 
 
 class PairState(enum.Enum):
-    """Lifecycle of a copy pair (one per protected disk).
+    """Lifecycle of a copy pair (one per protected disk); the transitions are
+    :func:`plugin.domain.lifecycle.next_state`.
 
-    initial-copy → active ⇄ suspended; error (with a reason, retried with
-    backoff) from any live state; deleted at the end.
+    initial-copy → active ⇄ behind / disconnected / error (with a reason,
+    retried with backoff); stopped while the domain's QEMU is gone; needs
+    resync when the dirty bitmap cannot be trusted; suspended by the user;
+    deleted at the end.
     """
 
     INITIAL_COPY = "initial-copy"
     ACTIVE = "active"
     SUSPENDED = "suspended"
+    STOPPED = "stopped"
+    DISCONNECTED = "disconnected"
+    BEHIND = "behind"
+    NEEDS_RESYNC = "needs resync"
     ERROR = "error"
     DELETED = "deleted"
 

@@ -56,7 +56,7 @@ from qemu_blockdev import (
 )
 from qemu_blockdev.transport import QmpTransport
 
-from ..domain import DiskSpec, PairState
+from ..domain import DiskSpec, PairEvent, PairState
 from ..errors import PluginError
 from ..peer import PeerClient
 from ..state import Store
@@ -188,6 +188,11 @@ class DomainReplicator:
     @property
     def targets(self) -> list[str]:
         return [d.target for d in self.disks]
+
+    def reattached(self) -> None:
+        """``qmp`` now reaches a new QEMU or a new libvirtd connection: leftovers of a
+        cycle cut off by that change are swept before the next cycle."""
+        self._swept = False
 
     def _generation(self) -> int:
         prot = self.store.protection(self.uuid, ROLE)
@@ -435,7 +440,7 @@ class DomainReplicator:
         with self.store.transaction() as db:
             db.execute("UPDATE pairs SET last_marker = ?, bytes_done = bytes_total WHERE domain_uuid = ?"
                        " AND role = ? AND state != 'deleted'", (seq, self.uuid, ROLE))
-        self.store.set_pair_state(self.uuid, ROLE, PairState.ACTIVE)
+        self.store.transition(self.uuid, ROLE, PairEvent.CYCLE_OK)
 
     async def _wait_jobs(self, movers: dict[str, tuple[JobTracker, str]], stats: CycleStats,
                          on_progress: Callable[[dict[str, Any]], Awaitable[None]] | None) -> None:

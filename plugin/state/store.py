@@ -9,6 +9,7 @@ carry their ``role``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -16,7 +17,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ..domain import Marker, Pair, PairState, Protection
+from ..domain import BAD_STATES, Marker, Pair, PairEvent, PairState, Protection, next_state
+
+log = logging.getLogger("virtsync.state")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS protections (
@@ -224,6 +227,30 @@ class Store:
                                (state.value, reason, time.time(), uuid, role, row["target"]))
                     self.audit("pair-state", uuid, target=row["target"], old=row["state"], new=state.value,
                                reason=reason)
+
+    def transition(self, uuid: str, role: str, event: PairEvent, reason: str = "",
+                   target: str | None = None) -> PairState | None:
+        """Apply ``event`` to the domain's pairs (or one) through the state machine.
+
+        One WARNING per call when a pair enters a bad state; returns the state of the
+        first pair after the event (None: no pair).
+        """
+        entered: list[str] = []
+        result: PairState | None = None
+        for pair in self.pairs(role, uuid):
+            if target is not None and pair.target != target:
+                continue
+            new = next_state(pair.state, event)
+            result = result or new
+            # The reason is the event's when it leads to this state (a repeated failure
+            # refreshes its reason); an event that changes nothing keeps the old one.
+            if new is not pair.state or next_state(PairState.ACTIVE, event) is new:
+                self.set_pair_state(uuid, role, new, reason, target=pair.target)
+            if new is not pair.state and new in BAD_STATES:
+                entered.append(f"{pair.domain} {pair.target}: {pair.state.value} -> {new.value}")
+        if entered:
+            log.warning("%s%s", "; ".join(entered), f" ({reason})" if reason else "")
+        return result
 
     def set_pair_progress(self, uuid: str, role: str, target: str, done: int, total: int) -> None:
         self._db.execute("UPDATE pairs SET bytes_done = ?, bytes_total = ? WHERE domain_uuid = ? AND role = ?"

@@ -10,13 +10,18 @@ events) when a later connection is opened from a different loop.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import libvirt
 import libvirtaio
 
 from plugin.errors import DomainNotFoundError, VirtError
 
-__all__ = ["close_connection", "ensure_event_impl", "open_connection", "virt_error"]
+__all__ = ["close_connection", "ensure_event_impl", "is_alive", "open_connection", "virt_error", "watch_close"]
+
+#: Keepalive probes every KEEPALIVE_INTERVAL s; the connection is dead after KEEPALIVE_COUNT unanswered.
+KEEPALIVE_INTERVAL = 5
+KEEPALIVE_COUNT = 3
 
 
 def virt_error(error: libvirt.libvirtError, context: str = "") -> VirtError:
@@ -72,6 +77,33 @@ async def open_connection(uri: str) -> libvirt.virConnect:
     except libvirt.libvirtError as e:
         raise virt_error(e, f"cannot connect to {uri}") from e
     return conn
+
+
+def watch_close(conn: libvirt.virConnect, on_close: Callable[[str], None]) -> None:
+    """Call ``on_close(reason)`` on the loop when the connection closes (libvirtd
+    stopped or restarted, socket EOF, keepalive timeout). libvirt notices a dead
+    peer that never closes the socket only through keepalive, so that is on too."""
+    reasons = {libvirt.VIR_CONNECT_CLOSE_REASON_ERROR: "error", libvirt.VIR_CONNECT_CLOSE_REASON_EOF: "end of file",
+               libvirt.VIR_CONNECT_CLOSE_REASON_KEEPALIVE: "keepalive timeout",
+               libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT: "closed by us"}
+
+    def callback(_conn: libvirt.virConnect, reason: int, _opaque: object) -> None:
+        if reason != libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT:  # our own close: nothing lost
+            on_close(reasons.get(reason, f"reason {reason}"))
+
+    try:
+        conn.registerCloseCallback(callback, None)
+        conn.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
+    except libvirt.libvirtError as e:
+        raise virt_error(e, "cannot watch the libvirt connection") from e
+
+
+def is_alive(conn: libvirt.virConnect) -> bool:
+    """False once the connection is closed (blocking: call in a thread)."""
+    try:
+        return bool(conn.isAlive())
+    except libvirt.libvirtError:
+        return False
 
 
 async def close_connection(conn: libvirt.virConnect) -> None:

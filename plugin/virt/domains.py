@@ -146,6 +146,30 @@ async def is_running(dom: libvirt.virDomain) -> bool:
         raise virt_error(e) from e
 
 
+_SHUTOFF_REASONS = {
+    libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN: "shutdown", libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED: "destroyed",
+    libvirt.VIR_DOMAIN_SHUTOFF_CRASHED: "crashed", libvirt.VIR_DOMAIN_SHUTOFF_MIGRATED: "migrated",
+    libvirt.VIR_DOMAIN_SHUTOFF_SAVED: "saved", libvirt.VIR_DOMAIN_SHUTOFF_FAILED: "failed",
+    libvirt.VIR_DOMAIN_SHUTOFF_FROM_SNAPSHOT: "from snapshot", libvirt.VIR_DOMAIN_SHUTOFF_DAEMON: "daemon",
+}
+
+
+async def qemu_state(dom: libvirt.virDomain) -> tuple[bool, str]:
+    """Whether the domain's QEMU process runs (a paused or crashed-and-kept guest
+    counts: its monitor answers), and a word for it; for a shut-off domain libvirt's
+    reason: shutdown, destroyed, crashed, saved, failed, ...
+
+    :raise VirtError: libvirt failed (domain undefined, connection lost)
+    """
+    try:
+        state, reason = await asyncio.to_thread(dom.state)
+    except libvirt.libvirtError as e:
+        raise virt_error(e, f"domain {dom.name()}") from e
+    if state == libvirt.VIR_DOMAIN_SHUTOFF:
+        return False, _SHUTOFF_REASONS.get(reason, "shut off")
+    return True, "paused" if state == libvirt.VIR_DOMAIN_PAUSED else "running"
+
+
 async def set_protection(dom: libvirt.virDomain, prot: Protection | None) -> None:
     """Write (or with None remove) ``<vs:protection>`` in the live and persistent XML.
 

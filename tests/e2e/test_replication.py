@@ -83,7 +83,8 @@ def test_protect_markers_link_cut_and_unprotect(site: dict) -> None:  # type: ig
     with pytest.raises(PluginError, match="unreachable"):
         pri.call("mark", domain=GUEST, label="during-cut")
     pairs = pri.call("pairs", domain=GUEST)["pairs"]
-    assert all(p["state"] == "error" and "retrying" in p["reason"] for p in pairs), pairs
+    assert all(p["state"] == "disconnected" and "unreachable since" in p["reason"] and "retrying" in p["reason"]
+               for p in pairs), pairs
     time.sleep(1.0)
     link_up(site["hosts"].pri)
     deadline = time.monotonic() + 60

@@ -267,6 +267,24 @@ def test_status_text(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None
     assert "6m40s (over RPO)" in lines[8]
 
 
+def test_status_shows_each_reason_under_its_domain(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
+    daemon.results["status"] = {**STATUS, "domains": [
+        {"domain": "db1", "peer": "dr1", "state": "disconnected", "lag_seconds": 400.0, "rpo": 300,
+         "last_marker": 3, "reason": "peer dr1 unreachable since 2026-12-04 12:00:00 UTC"},
+        {"domain": "web1", "peer": "dr1", "state": "stopped", "lag_seconds": 4000.0, "rpo": 300,
+         "last_marker": 17, "reason": "domain not running (shutdown)"},
+        {"domain": "app1", "peer": "dr1", "state": "active", "lag_seconds": 1.0, "rpo": 300,
+         "last_marker": 9, "reason": ""}]}
+    code, out, _ = run(capsys, "status")
+    assert code == 0
+    lines = out.splitlines()[7:]
+    assert lines[0].split()[:3] == ["db1", "dr1", "disconnected"] and "(over RPO)" in lines[0]
+    assert lines[1].strip() == "reason: peer dr1 unreachable since 2026-12-04 12:00:00 UTC"
+    assert lines[2].split()[:3] == ["web1", "dr1", "stopped"] and "over RPO" not in lines[2]
+    assert lines[3].strip() == "reason: domain not running (shutdown)"
+    assert lines[4].split()[:3] == ["app1", "dr1", "active"] and len(lines) == 5
+
+
 def test_markers_table(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "markers", "web1")
     assert code == 0
