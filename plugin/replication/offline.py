@@ -48,8 +48,9 @@ from .tools import run_tool
 log = logging.getLogger("virtsync.offline")
 
 STOP_LABEL = "at stop"
-#: How long a start waits for an aborted ship to close the images.
-ABORT_TIMEOUT = 20.0
+#: How long a start waits for an aborted ship to close the images (within the
+#: hook's BUDGET_PREPARE, hooks/qemu).
+ABORT_TIMEOUT = 8.0
 
 
 class Outcome(enum.Enum):
@@ -121,7 +122,11 @@ async def _open_images(qsd: QmpTransport, tag: str, disks: list[DiskSpec]) -> li
     for disk in disks:
         node = image_node(tag, disk.target)
         file_node = commands.file_node(f"{node}-f", disk.source)
-        if stat.S_ISBLK(os.stat(disk.source).st_mode):
+        try:
+            mode = os.stat(disk.source).st_mode
+        except OSError as e:
+            raise PluginError(f"disk {disk.target}: cannot open {disk.source}: {e.strerror}") from None
+        if stat.S_ISBLK(mode):
             file_node["driver"] = "host_device"
         await nodes.blockdev_add(qsd, commands.qcow2_node(node, file_node))
         opened.append(dataclasses.replace(disk, node=node))
@@ -223,6 +228,28 @@ async def drop_inconsistent(rep: DomainReplicator) -> list[str]:
     return bad
 
 
+async def prepare_start(rep: DomainReplicator, resync: set[str]) -> dict[str, str]:
+    """At a start, before any cycle: the disks whose next cycle copies them in full, and why.
+
+    Every ``vs-`` bitmap of a disk in ``resync`` (its pair needs a resync) or with an
+    inconsistent one is removed: the next cycle cannot resume from it.
+    """
+    for disk in rep.disks:
+        if disk.target in resync:
+            await rep.drop_bitmaps([disk])
+    out = {t: "the pair needs a resync" for t in resync if t in rep.targets}
+    for target in await drop_inconsistent(rep):
+        out.setdefault(target, "its dirty bitmap loaded inconsistent (QEMU did not exit cleanly)")
+    generation = _generation(rep)
+    if generation:
+        by_node = {n.node_name: n for n in await nodes.query_nodes(rep.qmp)}
+        for disk in rep.disks:
+            node = by_node.get(disk.node)
+            if node is not None and node.bitmap(gen_name(generation)) is None:
+                out.setdefault(disk.target, f"no dirty bitmap {gen_name(generation)} (QEMU did not store it)")
+    return out
+
+
 class OfflineShips:
     """The ships in progress, one per domain, so that a start can abort its domain's."""
 
@@ -247,6 +274,10 @@ class OfflineShips:
         self._tasks[uuid] = task
         try:
             await asyncio.wait({task})
+        except asyncio.CancelledError:
+            task.cancel()   # our caller goes (unprotect, agent stop): the ship too, images closed
+            await asyncio.wait({task})
+            raise
         finally:
             self._tasks.pop(uuid, None)
         if task.cancelled():
