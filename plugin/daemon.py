@@ -515,7 +515,10 @@ class Agent:
 
     async def _domain_stopped(self, p: Protected, reason: str) -> None:
         """The domain's QEMU is gone (``reason``: libvirt's word: shutdown, destroyed,
-        saved, crashed, failed, ...). Called once per stop, no cycle in flight, p.lock held.
+        saved, crashed, failed, ...). Called once per stop (and once at agent start while
+        the domain is off), no cycle in flight, p.lock held; an exception is retried with
+        backoff. States go through ``Store.transition``: STOPPED, or CRASHED for
+        ``needs resync`` (which only COPY_STARTED, a re-copy, ends).
 
         The writes since the last marker are shipped from the images (a marker "at
         stop"), unless QEMU did not store its bitmaps: then the pairs need a resync.
@@ -812,15 +815,16 @@ class Agent:
                 store.transition(p.uuid, PRIMARY, PairEvent.STOPPED, f"domain not running ({reason})")
             return False
         if not p.attached:
+            why = "agent start" if p.running is None else "domain started" if p.running is False else "re-attached"
             async with p.lock:
                 await self._domain_started(p)
             p.attached = True
             p.running = True
-            log.getChild(p.name).info("domain running: attached to its QEMU")
+            log.getChild(p.name).info("domain running: attached to its QEMU (%s)", why)
             store.transition(p.uuid, PRIMARY, PairEvent.STARTED)
             # Changes made while we were not looking (agent down, domain off, missed
             # events) are found before any cycle runs.
-            await self._track(p.uuid, "domain started")
+            await self._track(p.uuid, why)
         return True
 
     async def _run_domain(self, p: Protected) -> None:
@@ -972,7 +976,15 @@ class Agent:
         store = self._store()
         prot = store.protection(p.uuid, PRIMARY)
         await self._stop_supervisor(p)
-        await p.replicator.remove_all()
+        state = await self._domain_state(p)
+        if state is None or state[0]:
+            if not p.attached:
+                await self._attach(p)  # the QEMU that runs now, through the current connection
+            await p.replicator.remove_all()
+        else:
+            # Nothing to remove in a QEMU that is gone; its persistent bitmaps stay in the
+            # images, where a later protect's full copy drops them first.
+            log.getChild(p.name).info("unprotect while %s: the images keep virtsync's bitmaps", state[1])
         await p.qmp.close()
         if prot is not None and prot["peer"] in self.peers:
             await self.peers[prot["peer"]].call("remove", {"uuid": p.uuid, "keep_replica": keep})

@@ -476,8 +476,8 @@ class DomainReplicator:
                     self.store.set_pair_state(self.uuid, ROLE, self._live_state(stats))
             elif not stalled and now - last_move > self.stall_after:
                 stalled = True
-                self.store.set_pair_state(self.uuid, ROLE, PairState.ERROR,
-                                          f"stalled: no data moved for {self.stall_after:g}s (peer link?), retrying")
+                self.store.transition(self.uuid, ROLE, PairEvent.CYCLE_FAILED,
+                                      f"stalled: no data moved for {self.stall_after:g}s (peer link?), retrying")
             if now > deadline:
                 raise CycleError(f"cycle {stats.seq} did not finish within {self.cycle_timeout:g}s")
 

@@ -175,7 +175,8 @@ async def set_protection(dom: libvirt.virDomain, prot: Protection | None) -> Non
 
     The administrator's ``exclude`` list is the administrator's: it is kept.
     """
-    flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
+    # A shut-off domain has no live XML to change (libvirt refuses AFFECT_LIVE then).
+    flags = libvirt.VIR_DOMAIN_AFFECT_LIVE if await asyncio.to_thread(dom.isActive) else 0
     if await asyncio.to_thread(dom.isPersistent):
         flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
     xml = protection_xml(prot, parse_exclude(await live_xml(dom))) if prot is not None else None

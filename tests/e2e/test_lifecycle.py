@@ -9,7 +9,8 @@ issue 21 item 4), on one pair of lab hosts shared by the scenarios, in order:
 3. the VM paused (markers still come), then destroyed: ``mark`` fails with one line
    and ``pairs`` never says ``active`` then; the agent restarts while the VM is shut
    off; the VM starts again (its writes continue the sequence): the next marker is an
-   increment of what the guest dirtied, checked against the oracle.
+   increment of what the guest dirtied, checked against the oracle; the agent also
+   starts with the VM paused; a shut-off VM can be unprotected.
 """
 
 from __future__ import annotations
@@ -90,6 +91,16 @@ def states(s: Site) -> tuple[set[str], dict[str, Any]]:
     return {p["state"] for p in pairs}, dom
 
 
+def assert_replicating(s: Site) -> None:
+    """Cycles run: each pair is active, or behind exactly when its newest marker is older
+    than the RPO (a cycle under this shared machine's load can take seconds); status agrees."""
+    pairs = s.pri.call("pairs", domain=GUEST)["pairs"]
+    for p in pairs:
+        assert p["state"] == ("behind" if p["lag_seconds"] > RPO else "active"), p
+    (dom,) = [d for d in s.pri.call("status")["domains"] if d["domain"] == GUEST]
+    assert dom["state"] in ("active", "behind"), dom
+
+
 def test_unexpected_exception_is_logged_shown_and_restarted(site: tuple[Site, WritingGuest],
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     s, _ = site
@@ -110,8 +121,7 @@ def test_unexpected_exception_is_logged_shown_and_restarted(site: tuple[Site, Wr
     first = newest_marker(s)
     mark = s.pri.call("mark", domain=GUEST, timeout=120)
     assert mark["seq"] > first
-    pair_states, dom = states(s)
-    assert pair_states == {"active"} and dom["state"] == "active", (pair_states, dom)
+    assert_replicating(s)
 
     log = s.pri.log.read_text(errors="replace")
     reason = "supervisor failed: internal error: InjectedFaultError: injected fault at " + FAULT
@@ -141,8 +151,7 @@ def test_libvirtd_restarts_are_survived(site: tuple[Site, WritingGuest], tmp_pat
         resumed.append(time.monotonic() - t0)
         assert guest.last_seq() > writes, "the guest kept writing"
     print(f"markers resumed {', '.join(f'{t:.1f}' for t in resumed)} s after libvirtd restarts (RPO {RPO} s)")
-    pair_states, dom = states(s)
-    assert pair_states == {"active"} and dom["state"] == "active", (pair_states, dom)
+    assert_replicating(s)
     # Every retained marker restores to a consistent cut, and the cuts never go back
     # (replication held meanwhile, or retention would drop markers under the loop).
     s.pri.call("suspend", domain=GUEST)
@@ -203,7 +212,7 @@ def test_stop_start_and_agent_start_while_shut_off(site: tuple[Site, WritingGues
     s.pri.call("resume", domain=GUEST)
     mark = s.pri.call("mark", domain=GUEST, timeout=120)
     assert check_replica(s, GUEST, oracle) == now_write
-    assert states(s)[0] == {"active"}
+    assert_replicating(s)
 
     # No full copy: what crossed after the start is what the guest dirtied.
     new = [m for m in s.sec.call("markers", domain=GUEST)["markers"] if m["seq"] > stopped_at]
@@ -218,3 +227,15 @@ def test_stop_start_and_agent_start_while_shut_off(site: tuple[Site, WritingGues
     restored = s.sec.call("restore", domain=GUEST, marker=mark["seq"], to=str(tmp_path / "after"))["disks"]
     result = stamps.check_images([restored[t] for t in sorted(restored)], oracle)
     assert result.ok and result.cut_seq == now_write, result.summary()
+
+    # The agent also starts with the VM paused: markers come as before.
+    s.pri.stop()
+    s.pri.start()
+    assert s.pri.call("mark", domain=GUEST, timeout=120)["seq"] > mark["seq"]
+    assert_replicating(s)
+
+    # And a shut-off VM can be unprotected.
+    host.virsh("destroy", GUEST)
+    wait_for("pairs to say stopped", lambda: states(s)[0] == {"stopped"}, timeout=60, poll=0.2)
+    assert s.pri.call("unprotect", domain=GUEST)["domain"] == GUEST
+    assert s.pri.call("pairs")["pairs"] == [] and "vs:protection" not in host.virsh("dumpxml", "--inactive", GUEST)
