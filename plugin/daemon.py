@@ -30,6 +30,7 @@ from . import keys as keys_mod
 from .config import Config
 from .domain import DiskSpec, PairEvent, PairState, Protection, label_problem, next_state, severity
 from .errors import ConfigError, PluginError, StateConflictError, VirtError
+from .replication import offline
 from .replication.nbd_servers import PeerServers
 from .replication.primary import CutRefusedError, CycleError, DomainReplicator, resolve_nodes
 from .replication.secondary import Secondary
@@ -184,6 +185,7 @@ class Agent:
         self._tracker_task: asyncio.Task[None] | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
         self._delay_task: asyncio.Task[None] | None = None
+        self._offline = offline.OfflineShips()  # ships of stopped domains' last writes
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -529,13 +531,43 @@ class Agent:
         saved, crashed, failed, ...). Called once per stop (and once at agent start while
         the domain is off), no cycle in flight, p.lock held; an exception is retried with
         backoff. States go through ``Store.transition``: STOPPED, or CRASHED for
-        ``needs resync`` (which only COPY_STARTED, a re-copy, ends)."""
-        self._store().transition(p.uuid, PRIMARY, PairEvent.STOPPED, f"domain not running ({reason})")
+        ``needs resync`` (which only COPY_STARTED, a re-copy, ends).
+
+        The writes since the last marker are shipped from the images (a marker "at
+        stop"), unless QEMU did not store its bitmaps: then the pairs need a resync.
+
+        :raise CycleError: the ship failed (bits kept in the images); the supervisor retries
+        """
+        store = self._store()
+        stopped = f"domain not running ({reason})"
+        store.transition(p.uuid, PRIMARY, PairEvent.STOPPED, stopped)
+        if reason == "migrated":
+            return  # it runs elsewhere now; its images are that QEMU's
+        assert self.qsd.qmp is not None
+        result = await self._offline.run(p.uuid, offline.ship_at_stop(p.replicator, self.qsd.qmp))
+        dlog = log.getChild(p.name)
+        if result.outcome is offline.Outcome.CRASHED:
+            store.transition(p.uuid, PRIMARY, PairEvent.CRASHED, f"{stopped}: {result.reason}")
+        elif result.outcome in (offline.Outcome.SHIPPED, offline.Outcome.NOTHING):
+            prot = store.protection(p.uuid, PRIMARY)
+            store.transition(p.uuid, PRIMARY, PairEvent.STOPPED,
+                             f"{stopped}; replica complete at marker {prot['generation'] if prot else '?'}")
+            dlog.info("at stop: %s", result.reason)
+        else:
+            dlog.info("at stop: nothing shipped: %s", result.reason)
 
     async def _domain_started(self, p: Protected) -> None:
         """The domain's QEMU runs (again, or for the first time since the agent
-        started): before any cycle, p.lock held. Attaches to this QEMU."""
+        started): before any cycle, p.lock held. Attaches to this QEMU; a disk whose
+        bitmap cannot be trusted (or whose pair needs a resync) loses its bitmaps, and
+        its next cycle copies it in full."""
+        self._offline.starting(p.uuid, False)
         await self._attach(p)
+        store = self._store()
+        resync = {pair.target for pair in store.pairs(PRIMARY, p.uuid) if pair.state is PairState.NEEDS_RESYNC}
+        for target, why in (await offline.prepare_start(p.replicator, resync)).items():
+            log.getChild(p.name).warning("%s: full copy: %s", target, why)
+            store.transition(p.uuid, PRIMARY, PairEvent.COPY_STARTED, f"full copy: {why}", target=target)
 
     async def _attach(self, p: Protected) -> None:
         """A new QMP transport on the current connection's domain object (the old one
@@ -689,6 +721,13 @@ class Agent:
                             replayed=bool(args.get("replayed", False)))
         for p in self.protected.values():
             if p.name == name:
+                if not args.get("replayed") and args.get("op") == "prepare":
+                    # A start wins over the ship of the last writes: the images are closed
+                    # before the hook answers and libvirt lets QEMU open them.
+                    if await self._offline.abort(p.uuid):
+                        log.getChild(p.name).info("start: the ship at stop was aborted (the bits stay)")
+                elif not args.get("replayed") and args.get("op") == "release":
+                    self._offline.starting(p.uuid, False)
                 self._events.put_nowait((p.uuid, f"hook {event}"))
         return None
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -59,7 +60,7 @@ from ..domain import DiskSpec, PairEvent, PairState
 from ..errors import PluginError
 from ..peer import PeerClient
 from ..state import Store
-from .shipper import SHIP_BITMAP, NbdTls, Shipper, add_tls_client
+from .shipper import SHIP_BITMAP, NbdTls, Shipper, add_tls_client, domain_tag
 from .tools import run_tool
 
 log = logging.getLogger("virtsync.primary")
@@ -83,13 +84,14 @@ def gen_name(seq: int) -> str:
     return f"{BITMAP_PREFIX}{seq}"
 
 
-def nbd_node_name(target: str) -> str:
-    return commands.owned(f"vs-nbd-{target}")
+def nbd_node_name(target: str, tag: str = "") -> str:
+    return commands.owned(f"vs-d{tag}-{target}" if tag else f"vs-nbd-{target}")  # tagged: 31 chars at most
 
 
-def job_name(target: str, seq: int) -> str:
-    """The job that sends a disk's data straight to the link from the guest's QEMU."""
-    return commands.owned(f"vs-cyc{seq}-{target}")
+def job_name(target: str, seq: int, tag: str = "") -> str:
+    """The job that sends a disk's data straight to the link (from the guest's QEMU,
+    or, tagged with the domain, from the storage daemon for an offline cycle)."""
+    return commands.owned(f"vs-cyc{seq}-{tag}-{target}" if tag else f"vs-cyc{seq}-{target}")
 
 
 SCRATCH_MARGIN = 64 << 20  # qcow2 metadata of the stages, and writes between the check and the cut
@@ -152,11 +154,14 @@ class DomainReplicator:
     def __init__(self, *, store: Store, peer: PeerClient, qmp: QmpTransport, uuid: str, domain: str,
                  disks: list[DiskSpec], scratch: str, shipper: QmpTransport, cycle_timeout: float,
                  stall_after: float, speed_limit: int = 0, tls: NbdTls | None = None,
-                 stage_owner: tuple[int, int] | None = None) -> None:
+                 stage_owner: tuple[int, int] | None = None, offline: bool = False) -> None:
         """:param scratch: directory of the stages (the guest's QEMU writes them)
         :param stage_owner: uid and gid of the guest's QEMU, when it is not ours: its stages are its own
         :param shipper: this host's storage daemon, which ships the stages
-        :param tls: TLS of the NBD link; None is plain NBD (``insecure_plain`` peers only)"""
+        :param tls: TLS of the NBD link; None is plain NBD (``insecure_plain`` peers only)
+        :param offline: ``qmp`` is the storage daemon itself, holding the disks of a stopped
+            domain (:mod:`.offline`): nobody writes them, so nothing is staged, and the
+            names carry the domain's tag (the daemon serves several domains)"""
         self.store = store
         self.peer = peer
         self.qmp = qmp
@@ -168,6 +173,10 @@ class DomainReplicator:
         self.cycle_timeout = cycle_timeout
         self.stall_after = stall_after
         self.speed_limit = speed_limit or None
+        self.offline = offline
+        self.tag = domain_tag(uuid) if offline else ""
+        if offline and tls is not None:
+            tls = dataclasses.replace(tls, object_id=f"vs-tls-o{self.tag}")
         self.tls = tls
         self.shipper = Shipper(shipper, uuid, tls, self.speed_limit)
         self.last = CycleStats()
@@ -275,7 +284,7 @@ class DomainReplicator:
                                                          "sizes": {d.target: d.size for d in self.disks}})
             opened = True
             staged = [d for d in self.disks if d.target not in full_disks]
-            if staged and not await self._stages_fit(staged, last):
+            if staged and (self.offline or not await self._stages_fit(staged, last)):
                 staged = []
             # Full copies (and increments whose stages would not fit) go straight to the link.
             direct = [d for d in self.disks if d not in staged]
@@ -283,7 +292,7 @@ class DomainReplicator:
                 tls_creds = await add_tls_client(self.qmp, self.tls)
                 for disk in direct:
                     await nodes.blockdev_add(self.qmp, commands.nbd_node(
-                        nbd_node_name(disk.target), str(target["exports"][disk.target]),
+                        nbd_node_name(disk.target, self.tag), str(target["exports"][disk.target]),
                         host=str(target["host"]), port=int(target["port"]), tls_creds=tls_creds))
             await self._add_stages(staged)
             actions = []
@@ -291,8 +300,8 @@ class DomainReplicator:
                 actions.append(commands.action("block-dirty-bitmap-add",
                                                commands.bitmap_add_args(disk.node, gen_name(seq))))
                 if disk.target in full_disks:
-                    backup = commands.backup_args(job_name(disk.target, seq), disk.node, nbd_node_name(disk.target),
-                                                  speed=self.speed_limit)
+                    backup = commands.backup_args(job_name(disk.target, seq, self.tag), disk.node,
+                                                  nbd_node_name(disk.target, self.tag), speed=self.speed_limit)
                 else:
                     actions.append(commands.action("block-dirty-bitmap-disable",
                                                    commands.bitmap_args(disk.node, gen_name(last))))
@@ -302,8 +311,8 @@ class DomainReplicator:
                                                       bitmap=gen_name(last), bitmap_mode="never",
                                                       max_workers=STAGE_WORKERS)
                     else:
-                        backup = commands.backup_args(job_name(disk.target, seq), disk.node,
-                                                      nbd_node_name(disk.target), sync="bitmap",
+                        backup = commands.backup_args(job_name(disk.target, seq, self.tag), disk.node,
+                                                      nbd_node_name(disk.target, self.tag), sync="bitmap",
                                                       bitmap=gen_name(last), bitmap_mode="never",
                                                       speed=self.speed_limit)
                 actions.append(commands.action("blockdev-backup", backup))
@@ -311,8 +320,9 @@ class DomainReplicator:
             movers: dict[str, tuple[JobTracker, str]] = {}
             with contextlib.ExitStack() as trackers:
                 if direct:
-                    sending = trackers.enter_context(JobTracker(self.qmp, [job_name(d.target, seq) for d in direct]))
-                    movers.update({d.target: (sending, job_name(d.target, seq)) for d in direct})
+                    sending = trackers.enter_context(JobTracker(self.qmp, [job_name(d.target, seq, self.tag)
+                                                                           for d in direct]))
+                    movers.update({d.target: (sending, job_name(d.target, seq, self.tag)) for d in direct})
                 if staged:
                     staging = trackers.enter_context(JobTracker(self.qmp, [stage_job_name(d.target, seq)
                                                                            for d in staged]))
@@ -546,14 +556,17 @@ class DomainReplicator:
         await self._remove_stages()
 
     def _is_cycle_job(self, job_id: str) -> bool:
-        """Our jobs in the guest's QEMU: the cut's and the full copies' (``vs-stg<N>-<target>``, ``vs-cyc…``)."""
+        """Our jobs in the guest's QEMU: the cut's and the full copies' (``vs-stg<N>-<target>``, ``vs-cyc…``);
+        offline, this domain's ``vs-cyc<N>-<tag>-<target>`` in the storage daemon."""
+        if self.tag:
+            return job_id.startswith("vs-cyc") and any(job_id.endswith(f"-{self.tag}-{t}") for t in self.targets)
         return any(job_id.startswith(prefix) and job_id.rpartition("-")[2] in self.targets
                    for prefix in ("vs-stg", "vs-cyc"))
 
     async def _remove_nbd_nodes(self) -> None:
         """Drop the NBD nodes, then the TLS object they used."""
         for disk in self.disks:
-            await nodes.blockdev_del(self.qmp, nbd_node_name(disk.target), missing_ok=True)
+            await nodes.blockdev_del(self.qmp, nbd_node_name(disk.target, self.tag), missing_ok=True)
         if self.tls is not None:
             await nodes.object_del(self.qmp, self.tls.object_id, missing_ok=True)
 

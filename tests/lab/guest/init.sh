@@ -119,6 +119,16 @@ vs_qga_freeze() {
     echo "VS-FROZEN seq=${_s:-?}"
 }
 
+# vs_qga_shutdown: guest-shutdown as an OS would do it: the writer stops, the
+# disks are synced, the machine powers off (libvirt waits for QEMU's SHUTDOWN
+# event, not for a reply). VS-SHUTDOWN seq=<last write> says where it stopped.
+vs_qga_shutdown() {
+    vs_qga_freeze >/dev/null
+    sync
+    echo "VS-SHUTDOWN seq=${_s:-?}"
+    poweroff -f
+}
+
 vs_qga_thaw() {
     rm -f "$VS_FREEZE" "$VS_FROZEN"
     echo "VS-THAWED"
@@ -135,13 +145,14 @@ vs_qga_handle() {
         # vs.qga=hang: frozen, but the answer never comes (a hung agent)
         [ -n "$VS_QGA_HANG" ] || printf '{"return": 1}\n' >&3 ;;
     *'"guest-fsfreeze-thaw"'*) vs_qga_thaw; printf '{"return": 1}\n' >&3 ;;
+    *'"guest-shutdown"'*) vs_qga_shutdown ;;
     *'"guest-fsfreeze-status"'*)
         if [ -e "$VS_FREEZE" ]; then _st=frozen; else _st=thawed; fi
         printf '{"return": "%s"}\n' "$_st" >&3 ;;
     *'"guest-info"'*)
         _c=
         for _n in guest-sync-delimited guest-sync guest-ping guest-info guest-fsfreeze-freeze \
-            guest-fsfreeze-thaw guest-fsfreeze-status; do
+            guest-fsfreeze-thaw guest-fsfreeze-status guest-shutdown; do
             _c="$_c${_c:+, }{\"name\": \"$_n\", \"enabled\": true, \"success-response\": true}"
         done
         printf '{"return": {"version": "7.2.0", "supported_commands": [%s]}}\n' "$_c" >&3 ;;
