@@ -157,6 +157,7 @@ class Agent:
         self._event_ids: list[int] = []
         self._tracker_task: asyncio.Task[None] | None = None
         self._delay_task: asyncio.Task[None] | None = None
+        self._scrub_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -177,6 +178,8 @@ class Agent:
         self._tracker_task = asyncio.create_task(self._tracker_loop(), name="vs-tracker")
         if self.cfg.apply_delay > 0:
             self._delay_task = asyncio.create_task(self._apply_delayed_loop(), name="vs-apply-delay")
+        if self.cfg.scrub_interval > 0:
+            self._scrub_task = asyncio.create_task(self.secondary.run_scrubs(), name="vs-scrub")
         for prot in self.store.protections(PRIMARY):
             try:
                 await self._supervise(prot["domain_uuid"])
@@ -257,7 +260,7 @@ class Agent:
         self._lock_fd = fd
 
     async def stop(self) -> None:
-        for task in (self._tracker_task, self._delay_task):
+        for task in (self._tracker_task, self._delay_task, self._scrub_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -305,7 +308,7 @@ class Agent:
             "pairs": self.op_pairs, "suspend": self.op_suspend, "resume": self.op_resume,
             "mark": self.op_mark, "markers": self.op_markers, "apply": self.op_apply, "hold": self.op_hold,
             "release": self.op_release, "restore": self.op_restore, "tracker": self.op_tracker,
-            "hook": self.op_hook,
+            "hook": self.op_hook, "verify": self.op_verify,
         }
         if op not in handlers:
             raise ipc.UnknownOperationError(f"unknown operation {op!r}")
@@ -762,6 +765,9 @@ class Agent:
             raise UsageError(f"{dest} is not empty: restore never overwrites")
         return await self._sec().restore(self._replica(args), arg(args, "marker", int), dest)
 
+    async def op_verify(self, args: dict[str, Any]) -> Any:
+        return await self._sec().verify(self._replica(args))
+
     def _pairs_json(self, uuid: str | None = None) -> list[dict[str, Any]]:
         out = []
         now = time.time()
@@ -812,7 +818,7 @@ class Agent:
                          "state": "error" if "error" in states else (states.pop() if len(states) == 1 else "mixed"),
                          "lag_seconds": max((pp["lag_seconds"] or 0 for pp in pairs), default=None),
                          "last_marker": prot["generation"]})
-        return {"host": self.cfg.name, "peers": peers, "domains": doms}
+        return {"host": self.cfg.name, "peers": peers, "domains": doms, "replicas": self._sec().replica_status()}
 
 
 async def run_agent(cfg: Config) -> None:

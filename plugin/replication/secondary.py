@@ -38,7 +38,8 @@ from ..domain import Marker, PairState, Protection
 from ..errors import JournalCorruptError, JournalError, PluginError, StateConflictError
 from ..faults import fault_point
 from ..state import Store
-from .journal import JournalDir, file_sha256, fsync_path, record_crc, verify_record, verify_segment
+from . import integrity
+from .journal import JournalDir, fsync_path, record_crc, verify_record, verify_segment
 from .tools import run_tool
 
 log = logging.getLogger("virtsync.secondary")
@@ -141,7 +142,10 @@ class Secondary:
             uuid = prot["domain_uuid"]
             async with self._lock(uuid):
                 if prot["folding"]:
-                    await self._fold_one(uuid, int(prot["folding"]), resume=True)
+                    try:
+                        await self._fold_one(uuid, int(prot["folding"]), resume=True)
+                    except JournalCorruptError as e:
+                        self.note_damage(uuid, f"marker {prot['folding']} not folded: {e}")
                 committed = {int(r["seq"]) for r in self.store.marker_rows(uuid)}
                 for _target, seq, partial, path in self.journal(uuid).entries():
                     if partial or seq not in committed:
@@ -180,6 +184,7 @@ class Secondary:
             for target, size in checked:
                 if not os.path.exists(journal.base(target)):
                     await run_tool("qemu-img", "create", "-q", "-f", "qcow2", journal.base(target), str(size))
+                    await asyncio.to_thread(integrity.seal_base, journal.base(target), 0)
                 self.store.upsert_pair(uuid, ROLE, domain, target, primary, size, PairState.INITIAL_COPY)
             if self.store.protection(uuid, ROLE) is None:
                 self.store.add_protection(uuid, ROLE, domain, prot)
@@ -261,8 +266,10 @@ class Secondary:
                     os.replace(path, sealed)
                     # Hashing takes ~0.1 s per 100 MiB: off the event loop, so other
                     # domains' cycles and peer calls are not held up meanwhile.
-                    digest = await asyncio.to_thread(file_sha256, sealed)
-                    segments[target] = {"size": os.stat(sealed).st_size, "sha256": digest}
+                    chunks = await asyncio.to_thread(integrity.file_chunk_digests, sealed)
+                    segments[target] = {"size": os.stat(sealed).st_size, "chunks": chunks}
+                else:  # the full copy went into the base itself: its chunk hashes start here
+                    await asyncio.to_thread(integrity.seal_base, path, seq)
             fsync_path(journal.root)
             fault_point("seal-before-marker")
             return await self._record(uuid, seq, cut_time, sorted(cycle.disks), nbytes, label, apply, segments)
@@ -334,6 +341,8 @@ class Secondary:
         applied = int(prot["applied"]) if prot else 0
         base_seq = int(prot["base_seq"]) if prot else 0
         journal = self.journal(uuid)
+        report = integrity.load_report(journal.root)
+        damaged = report["markers"] if report else {}
         return {
             "protected": prot is not None,
             "last_marker": markers[-1].seq if markers else 0,
@@ -341,11 +350,13 @@ class Secondary:
             "base_seq": base_seq,
             "held": bool(prot["held"]) if prot else False,
             "damage": self.damage.get(uuid),
+            "integrity": report,
             "journal_bytes": journal.segment_bytes(),
             "journal_limit": self.cfg.journal_max_bytes,
             "replica": self.replica_views(uuid) if prot else {},
             "markers": [{"seq": m.seq, "cut_time": m.cut_time, "bytes": m.bytes, "label": m.label,
-                         "apply": m.apply, "applied": m.seq <= applied} for m in markers],
+                         "apply": m.apply, "applied": m.seq <= applied, "damage": damaged.get(str(m.seq))}
+                        for m in markers],
         }
 
     # -- local journal commands -------------------------------------------------
@@ -410,6 +421,12 @@ class Secondary:
                     for target, entry in segments.items():
                         await asyncio.to_thread(verify_segment, journal, s, target, entry, full_hash=True)
             views = {t: journal.view(t, seq) for t in json.loads(rows[seq]["disks"])}
+            for target, view in sorted(views.items()):
+                bad = await asyncio.to_thread(integrity.check_view, journal.base(target), view)
+                if bad:
+                    line = f"marker {seq}: {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+                    self.note_damage(uuid, bad[0], markers={seq: line})
+                    raise JournalCorruptError(line)
             self._pins[uuid] = self._pins.get(uuid, 0) + 1
         try:
             os.makedirs(dest, mode=0o700, exist_ok=True)
@@ -425,6 +442,153 @@ class Secondary:
             return {"marker": seq, "disks": written}
         finally:
             self._pins[uuid] -= 1
+
+    # -- integrity: scrub and damage reports ------------------------------------
+
+    def note_damage(self, uuid: str, why: str, markers: Mapping[int, str] | None = None) -> None:
+        """Record damage found outside a scrub (a restore, a fold) in the integrity
+        report, so ``markers`` and ``status`` show it until a check finds it gone."""
+        root = self.journal(uuid).root
+        report = integrity.load_report(root) or {"checked_at": None, "findings": [], "markers": {}}
+        if why not in report["findings"]:
+            report["findings"].append(why)
+            log.error("%s: replica damaged: %s", uuid, why)
+            self.store.audit("replica-damaged", uuid, why=why)
+        for seq, line in (markers or {}).items():
+            report["markers"].setdefault(str(seq), line)
+        integrity.save_report(root, report)
+
+    async def verify(self, uuid: str) -> dict[str, Any]:
+        """Scrub a replica: every marker record, every retained segment (each MiB
+        of the file), the base's record and every chunk of the base, and its
+        qcow2 metadata. Cycles go on meanwhile (sealed files never change);
+        folds wait. Findings replace the last report and name each file and
+        chunk, and each marker they make unrestorable."""
+        uuid = check_uuid(uuid)
+        async with self._lock(uuid):
+            prot = self._prot(uuid)
+            cycle = self._open.get(uuid)
+            if cycle is not None and cycle.kind == "full" or int(prot["base_seq"]) == 0:
+                raise StateConflictError(f"the first full copy of {prot['domain']} is not complete yet",
+                                         state="initial-copy", required="active")
+            base_seq = int(prot["base_seq"])
+            rows = [dict(r) for r in self.store.marker_rows(uuid)]
+            self._pins[uuid] = self._pins.get(uuid, 0) + 1
+        try:
+            started = time.monotonic()
+            report = await asyncio.to_thread(self._scrub, uuid, base_seq, rows)
+            report["seconds"] = round(time.monotonic() - started, 3)
+        finally:
+            self._pins[uuid] -= 1
+        async with self._lock(uuid):
+            integrity.save_report(self.journal(uuid).root, report)
+            self.store.audit("verify", uuid, findings=len(report["findings"]), seconds=report["seconds"])
+            for why in report["findings"]:
+                log.error("%s: verify: %s", prot["domain"], why)
+            await self._retain(uuid)  # folds skipped meanwhile
+        return {"domain": prot["domain"], **report}
+
+    def _scrub(self, uuid: str, base_seq: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        journal = self.journal(uuid)
+        seqs = sorted(int(r["seq"]) for r in rows)
+        findings: list[str] = []
+        markers: dict[str, str] = {}
+        checked = 0
+
+        def found(why: str, affected: Sequence[int]) -> None:
+            findings.append(why)
+            for seq in affected:
+                markers.setdefault(str(seq), why)
+
+        targets: set[str] = set()
+        expected = seqs[0] if seqs else 0
+        for row in sorted(rows, key=lambda r: int(r["seq"])):
+            seq = int(row["seq"])
+            try:
+                segments = verify_record(row, expected)
+                targets.update(json.loads(row["disks"]))
+            except JournalCorruptError as e:
+                found(str(e), [s for s in seqs if s >= seq])
+                expected = seq + 1
+                continue
+            expected = seq + 1
+            if seq <= base_seq:
+                continue
+            for target, entry in sorted(segments.items()):
+                try:
+                    verify_segment(journal, seq, target, entry, full_hash=True)
+                    checked += int(entry.get("size", 0))
+                except JournalCorruptError as e:
+                    # every later view of this disk reads through this segment
+                    found(str(e), [s for s in seqs if s >= seq])
+        for target in sorted(targets):
+            base = journal.base(target)
+            meta = integrity.check_metadata(base)
+            if meta:
+                found(meta, seqs)
+                continue
+            try:
+                sums = integrity.load_sums(integrity.sums_path(base))
+                bad = integrity.check_base_chunks(base, sums)
+            except JournalCorruptError as e:
+                found(str(e), seqs)
+                continue
+            checked += sums.disk_size
+            integrity.mark_damaged(integrity.sums_path(base), [idx for idx, _ in bad])
+            for _, why in bad:
+                findings.append(why)
+            if not bad:
+                continue
+            damaged = {idx: why for idx, why in bad}
+            for seq in seqs:
+                try:
+                    read = integrity.base_chunks_read(journal.view(target, seq), base, sums.chunk_size)
+                except JournalCorruptError as e:
+                    markers.setdefault(str(seq), str(e))
+                    continue
+                hit = sorted(read & set(damaged))
+                if hit:
+                    markers.setdefault(str(seq), f"marker {seq}: {damaged[hit[0]]}")
+        return {"checked_at": time.time(), "bytes": checked, "findings": findings, "markers": markers}
+
+    async def run_scrubs(self) -> None:
+        """The scheduled scrub (``[journal] scrub_interval``): a replica is verified
+        when its last check (or, never checked, the first time this agent saw it)
+        is that old. Runs until cancelled."""
+        interval = self.cfg.scrub_interval
+        while True:
+            await asyncio.sleep(min(max(interval / 4, 0.5), 60.0))
+            for prot in self.store.protections(ROLE):
+                uuid = prot["domain_uuid"]
+                if not int(prot["base_seq"]):
+                    continue
+                root = self.journal(uuid).root
+                report = integrity.load_report(root)
+                if report is None:
+                    report = {"checked_at": None, "findings": [], "markers": {}}
+                if not report.get("checked_at") and not report.get("since"):
+                    report["since"] = time.time()
+                    integrity.save_report(root, report)
+                last = report.get("checked_at") or report.get("since") or 0.0
+                if time.time() - float(last) < interval:
+                    continue
+                try:
+                    await self.verify(uuid)
+                except PluginError as e:
+                    log.warning("scheduled verify of %s: %s", prot["domain"], e)
+
+    def replica_status(self) -> list[dict[str, Any]]:
+        """The replicas kept here, with their damage (for ``status``)."""
+        out = []
+        for prot in self.store.protections(ROLE):
+            uuid = prot["domain_uuid"]
+            last = self.store.last_marker(uuid)
+            report = integrity.load_report(self.journal(uuid).root) or {}
+            out.append({"domain": prot["domain"], "peer": prot["peer"], "applied": int(prot["applied"]),
+                        "last_marker": last.seq if last else 0, "journal_damage": self.damage.get(uuid),
+                        "checked_at": report.get("checked_at"), "findings": report.get("findings", []),
+                        "damaged_markers": sorted(int(s) for s in report.get("markers", {}))})
+        return out
 
     # -- the reflecting unit ------------------------------------------------------
 
@@ -490,7 +654,11 @@ class Secondary:
             old_enough = rows[base_seq]["cut_time"] < time.time() - self.cfg.retain_seconds
             if not squeeze and (newer_applied < self.cfg.retain_markers or not old_enough):
                 return
-            await self._fold_one(uuid, base_seq + 1)
+            try:
+                await self._fold_one(uuid, base_seq + 1)
+            except JournalCorruptError as e:
+                self.note_damage(uuid, f"marker {base_seq + 1} not folded: {e}")
+                return
             if squeeze and self.journal(uuid).segment_bytes() <= self.cfg.journal_max_bytes:
                 return
 
@@ -499,12 +667,28 @@ class Secondary:
 
         The folded segment's file then becomes a link to the base: the next
         segment's backing still resolves, and no sealed segment is rewritten
-        (re-pointing it would change it, and its hash would have to be redone)."""
+        (re-pointing it would change it, and its hash would have to be redone).
+        The base's chunk hashes follow: the segment is checked once more, the
+        base chunks it touches are checked, marked pending, and re-hashed after
+        the commit (only those: ``qemu-img map`` of the segment names them).
+
+        :raise JournalCorruptError: the segment or the base's record is damaged (nothing folded)
+        """
         journal = self.journal(uuid)
+        row = next(r for r in self.store.marker_rows(uuid) if int(r["seq"]) == seq)
+        segments = json.loads(row["segments"])
+        disks = json.loads(row["disks"])
+        todo = [t for t in disks if os.path.isfile(journal.segment(t, seq))
+                and not os.path.islink(journal.segment(t, seq))]
+        for target in todo:
+            if not resume and target in segments:
+                await asyncio.to_thread(verify_segment, journal, seq, target, segments[target], full_hash=True)
+            for why in await asyncio.to_thread(integrity.prepare_fold, journal.base(target),
+                                               journal.segment(target, seq)):
+                self.note_damage(uuid, why)
         self.store.set_protection(uuid, ROLE, folding=seq)
         fault_point("fold-after-intent")
-        row = next(r for r in self.store.marker_rows(uuid) if int(r["seq"]) == seq)
-        for target in json.loads(row["disks"]):
+        for target in disks:
             seg = journal.segment(target, seq)
             if os.path.isfile(seg) and not os.path.islink(seg):
                 await run_tool("qemu-img", "commit", "-q", "-d", "-f", "qcow2", seg)
@@ -512,6 +696,11 @@ class Secondary:
                 fault_point("fold-after-commit")
                 journal.link_to_base(target, seq)
                 fault_point("fold-after-link")
+            if target in todo or resume:
+                try:
+                    await asyncio.to_thread(integrity.finish_fold, journal.base(target), seq)
+                except JournalCorruptError as e:  # the data is folded; its record is what is damaged
+                    self.note_damage(uuid, str(e))
             journal.drop_unused_links(target)
         fsync_path(journal.root)
         with self.store.transaction() as db:

@@ -271,9 +271,9 @@ def test_markers_table(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> No
     code, out, _ = run(capsys, "markers", "web1")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["SEQ", "CUT", "TIME", "LABEL", "BYTES", "APPLY", "APPLIED"]
-    assert lines[1].split() == ["16", "2024-05-01T12:00:00Z", "-", "1.0", "MiB", "yes", "yes"]
-    assert lines[2].split() == ["17", "2024-05-01T12:05:00Z", "before", "upgrade", "1.5", "KiB", "no", "no"]
+    assert lines[0].split() == ["SEQ", "CUT", "TIME", "LABEL", "BYTES", "APPLY", "APPLIED", "INTEGRITY"]
+    assert lines[1].split() == ["16", "2024-05-01T12:00:00Z", "-", "1.0", "MiB", "yes", "yes", "ok"]
+    assert lines[2].split() == ["17", "2024-05-01T12:05:00Z", "before", "upgrade", "1.5", "KiB", "no", "no", "ok"]
 
 
 def test_short_confirmations(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:

@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import sqlite3
+import subprocess
 import tempfile
 import threading
 from collections.abc import Callable, Coroutine, Iterator
@@ -64,12 +65,13 @@ class Env:
         return {"return": {}}
 
     async def fake_qemu_img(self, *argv: str) -> None:
-        """What qemu-img would leave on disk: create writes a file; commit/rebase change nothing we check."""
+        """What qemu-img would leave on disk: create makes the (empty) image, whose chunk
+        hashes the secondary records; commit/rebase change nothing we check."""
         self.img.append(argv)
         if argv[:2] == ("qemu-img", "create"):
             path = argv[-2]
             assert os.path.isdir(os.path.dirname(path)), f"qemu-img create into a missing dir: {path}"
-            Path(path).write_bytes(b"QFI\xfb" + os.urandom(60))
+            subprocess.run(argv, check=True)
 
     def files(self) -> list[str]:
         return sorted(str(p.relative_to(self.storage)) for p in self.storage.rglob("*"))
@@ -370,7 +372,8 @@ def test_segments_are_hashed_off_the_event_loop(one_marker: Env, monkeypatch: py
             return real(*args, **kwargs)
         return call
 
-    monkeypatch.setattr(secondary_mod, "file_sha256", recording("hash", secondary_mod.file_sha256))
+    monkeypatch.setattr(secondary_mod.integrity, "file_chunk_digests",
+                        recording("hash", secondary_mod.integrity.file_chunk_digests))
     monkeypatch.setattr(secondary_mod, "verify_segment", recording("verify", secondary_mod.verify_segment))
     one_marker.open(2, "incremental")
     one_marker.commit(2)
