@@ -531,3 +531,32 @@ def save_report(root: str, report: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+MAX_REPAIR_RANGES = 256  # per disk and request: the rest follows at the next cycle
+
+
+def repair_ranges(base: str, newest_view: str, disk_size: int) -> list[list[int]]:
+    """Guest ranges ``[start, length]`` the primary must send again so that the
+    newest marker's view no longer reads damaged base bytes: the damaged (or
+    unvouched) chunks that view still reads from the base, whole chunks,
+    adjacent ones joined. An unreadable record makes the whole disk suspect."""
+    try:
+        sums = load_sums(sums_path(base))
+    except SumsCorruptError:
+        return [[0, disk_size]]
+    bad = {i for i, st in enumerate(sums.states) if st == ChunkState.DAMAGED} | sums.unreadable
+    if not bad:
+        return []
+    bad &= base_chunks_read(newest_view, base, sums.chunk_size)
+    out: list[list[int]] = []
+    for idx in sorted(bad):
+        start = idx * sums.chunk_size
+        length = min(sums.chunk_size, disk_size - start)
+        if length <= 0:
+            continue
+        if out and out[-1][0] + out[-1][1] == start:
+            out[-1][1] += length
+        elif len(out) < MAX_REPAIR_RANGES:
+            out.append([start, length])
+    return out

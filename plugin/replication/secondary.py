@@ -351,6 +351,7 @@ class Secondary:
             "held": bool(prot["held"]) if prot else False,
             "damage": self.damage.get(uuid),
             "integrity": report,
+            "repair": self.repair_ranges(uuid) if report and report["findings"] and prot else {},
             "journal_bytes": journal.segment_bytes(),
             "journal_limit": self.cfg.journal_max_bytes,
             "replica": self.replica_views(uuid) if prot else {},
@@ -576,6 +577,27 @@ class Secondary:
                     await self.verify(uuid)
                 except PluginError as e:
                     log.warning("scheduled verify of %s: %s", prot["domain"], e)
+
+    def repair_ranges(self, uuid: str) -> dict[str, list[list[int]]]:
+        """Per disk, the guest ranges whose damaged base chunks the newest marker
+        still reads: what the primary sends again at its next cycle (it marks
+        them dirty). Once a marker holds them, they are no longer asked for;
+        its fold re-hashes those chunks in the base."""
+        last = self.store.last_marker(uuid)
+        if last is None:
+            return {}
+        journal = self.journal(uuid)
+        sizes = {p.target: p.size for p in self.store.pairs(ROLE, uuid) if p.state != PairState.DELETED}
+        out = {}
+        for target, size in sorted(sizes.items()):
+            try:
+                ranges = integrity.repair_ranges(journal.base(target), journal.view(target, last.seq), size)
+            except JournalCorruptError as e:
+                log.warning("%s: cannot tell what to repair on %s: %s", uuid, target, e)
+                continue
+            if ranges:
+                out[target] = ranges
+        return out
 
     def replica_status(self) -> list[dict[str, Any]]:
         """The replicas kept here, with their damage (for ``status``)."""
