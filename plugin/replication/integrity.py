@@ -433,13 +433,17 @@ def seal_base(base: str, base_seq: int) -> None:
     save_sums(sums_path(base), hash_base(base, base_seq))
 
 
-def prepare_fold(base: str, seg: str) -> list[str]:
+def prepare_fold(base: str, seg: str, damaged: Iterable[int] | None = None) -> list[str]:
     """Before ``seg`` is committed into ``base``: check the base chunks the
     segment touches but does not cover entirely (their old bytes stay), and
     mark every touched chunk ``PENDING``; a chunk found bad stays ``DAMAGED``
     (a fold never blesses damage it does not overwrite). Idempotent: when
     chunks are already pending, a fold was cut short and its commit is being
     redone, so the base is no longer the old view and is not checked.
+
+    ``damaged``: the segment itself is damaged (these are the chunks its record
+    says it holds): every chunk it touches stays or becomes ``DAMAGED``, to be
+    healed by the fold of a later marker that holds them entirely (a repair).
 
     :return: a line per damaged chunk found
     :raise JournalCorruptError: the record or the segment's metadata is unreadable
@@ -458,6 +462,12 @@ def prepare_fold(base: str, seg: str) -> list[str]:
         for idx, why in bad:
             sums.states[idx] = ChunkState.DAMAGED
             found.append(why)
+    if damaged is not None:
+        for idx in touched | set(damaged):
+            if idx < sums.count:
+                sums.states[idx] = ChunkState.DAMAGED
+        save_sums(path, sums)
+        return found
     for idx in touched:
         if idx >= sums.count:
             continue
@@ -549,10 +559,36 @@ def repair_ranges(base: str, newest_view: str, disk_size: int) -> list[list[int]
     if not bad:
         return []
     bad &= base_chunks_read(newest_view, base, sums.chunk_size)
+    return chunk_ranges(bad, sums.chunk_size, disk_size)
+
+
+# -- damaged segments --------------------------------------------------------------
+
+
+def segment_chunks(seg: str, chunk_size: int) -> list[int]:
+    """The chunks a segment holds data for (recorded when it is sealed, so that a
+    later flip in its metadata cannot hide what it held)."""
+    return sorted(chunks_of(extents(seg), max_depth=0, present_only=True, chunk_size=chunk_size))
+
+
+def reads_layer(view: str, layer: str) -> bool:
+    """Whether a view's chain reads any guest byte from ``layer`` (one of its images)."""
+    depth = chain_depth(view, layer)
+    return any(e.depth == depth and e.present for e in extents(view))
+
+
+def layer_chunks_read(view: str, layer: str, chunk_size: int) -> set[int]:
+    """Chunks a view reads from ``layer`` or anything below it."""
+    return chunks_of(extents(view), min_depth=chain_depth(view, layer), chunk_size=chunk_size)
+
+
+def chunk_ranges(chunks: Iterable[int], chunk_size: int, disk_size: int) -> list[list[int]]:
+    """Whole-chunk guest ranges ``[start, length]``, adjacent ones joined, at most
+    ``MAX_REPAIR_RANGES``."""
     out: list[list[int]] = []
-    for idx in sorted(bad):
-        start = idx * sums.chunk_size
-        length = min(sums.chunk_size, disk_size - start)
+    for idx in sorted(set(chunks)):
+        start = idx * chunk_size
+        length = min(chunk_size, disk_size - start)
         if length <= 0:
             continue
         if out and out[-1][0] + out[-1][1] == start:

@@ -100,6 +100,7 @@ class Secondary:
         self._locks: dict[str, asyncio.Lock] = {}
         self._pins: dict[str, int] = {}  # restores in progress: no folding meanwhile
         self.damage: dict[str, str] = {}  # uuid -> why the journal stops there
+        self._halted: set[str] = set()  # a marker record is damaged: no cycle adds to that journal
 
     def _lock(self, uuid: str) -> asyncio.Lock:
         return self._locks.setdefault(uuid, asyncio.Lock())
@@ -211,7 +212,7 @@ class Secondary:
                 raise PeerRequestError(f"cycle names disks {sorted(wanted)}, the domain has {sorted(known)}")
             if kind == "incremental" and last is None:
                 raise PeerRequestError("an incremental cycle needs a previous marker")
-            if uuid in self.damage:
+            if uuid in self._halted:
                 raise JournalCorruptError(f"journal of {prot['domain']} is damaged: {self.damage[uuid]}")
             await self._close_open(uuid, discard=True)
             await self._enforce_space(uuid)
@@ -267,7 +268,10 @@ class Secondary:
                     # Hashing takes ~0.1 s per 100 MiB: off the event loop, so other
                     # domains' cycles and peer calls are not held up meanwhile.
                     chunks = await asyncio.to_thread(integrity.file_chunk_digests, sealed)
-                    segments[target] = {"size": os.stat(sealed).st_size, "chunks": chunks}
+                    chunk_size = self._chunk_size(journal, target)
+                    holds = await asyncio.to_thread(integrity.segment_chunks, sealed, chunk_size)
+                    segments[target] = {"size": os.stat(sealed).st_size, "chunks": chunks, "holds": holds,
+                                        "holds_chunk": chunk_size}
                 else:  # the full copy went into the base itself: its chunk hashes start here
                     await asyncio.to_thread(integrity.seal_base, path, seq)
             fsync_path(journal.root)
@@ -420,7 +424,14 @@ class Secondary:
                 segments = verify_record(rows[s], s)
                 if s > base_seq:
                     for target, entry in segments.items():
-                        await asyncio.to_thread(verify_segment, journal, s, target, entry, full_hash=True)
+                        try:
+                            await asyncio.to_thread(verify_segment, journal, s, target, entry, full_hash=True)
+                        except JournalCorruptError as e:
+                            self.note_segment_damage(uuid, target, s, str(e))
+            blocked = await asyncio.to_thread(self._damage_read_by, uuid, seq)
+            if blocked:
+                self.note_damage(uuid, blocked, markers={seq: blocked})
+                raise JournalCorruptError(blocked)
             views = {t: journal.view(t, seq) for t in json.loads(rows[seq]["disks"])}
             for target, view in sorted(views.items()):
                 bad = await asyncio.to_thread(integrity.check_view, journal.base(target), view)
@@ -458,6 +469,62 @@ class Secondary:
         for seq, line in (markers or {}).items():
             report["markers"].setdefault(str(seq), line)
         integrity.save_report(root, report)
+
+    def note_segment_damage(self, uuid: str, target: str, seq: int, why: str) -> None:
+        """Record a damaged sealed segment (until it is folded: then its chunks are
+        marked damaged in the base's record instead)."""
+        root = self.journal(uuid).root
+        report = integrity.load_report(root) or {"checked_at": None, "findings": [], "markers": {}}
+        segs = report.setdefault("segments", {}).setdefault(target, {})
+        if segs.get(str(seq)) == why and why in report["findings"]:
+            return
+        segs[str(seq)] = why
+        if why not in report["findings"]:
+            report["findings"].append(why)
+        log.error("%s: replica damaged: %s", uuid, why)
+        self.store.audit("replica-damaged", uuid, why=why)
+        integrity.save_report(root, report)
+
+    def _forget_segment_damage(self, uuid: str, target: str, seq: int) -> None:
+        root = self.journal(uuid).root
+        report = integrity.load_report(root)
+        if report and report.get("segments", {}).get(target, {}).pop(str(seq), None) is not None:
+            integrity.save_report(root, report)
+
+    def _damaged_segments(self, uuid: str) -> dict[tuple[str, int], str]:
+        """(target, seq) -> why, for the damaged segments still in the journal."""
+        journal = self.journal(uuid)
+        report = integrity.load_report(journal.root) or {}
+        out = {}
+        segs = report.get("segments")
+        for target, entries in (segs.items() if isinstance(segs, dict) else []):
+            for seq, why in (entries.items() if isinstance(entries, dict) else []):
+                path = journal.segment(str(target), int(seq))
+                if os.path.isfile(path) and not os.path.islink(path):
+                    out[(str(target), int(seq))] = str(why)
+        return out
+
+    def _damage_read_by(self, uuid: str, seq: int) -> str | None:
+        """Why marker ``seq`` cannot be trusted because of a damaged segment its
+        views read (None: it reads none; segments newer than the damage may
+        hold all those chunks again)."""
+        journal = self.journal(uuid)
+        for (target, s), why in sorted(self._damaged_segments(uuid).items(), key=lambda kv: kv[0][1]):
+            if s > seq:
+                continue
+            try:
+                reads = integrity.reads_layer(journal.view(target, seq), journal.segment(target, s))
+            except JournalCorruptError as e:
+                return f"marker {seq}: {e}"
+            if reads:
+                return why if s == seq else f"marker {seq} reads damaged {why}"
+        return None
+
+    def _chunk_size(self, journal: JournalDir, target: str) -> int:
+        try:
+            return integrity.load_sums(integrity.sums_path(journal.base(target))).chunk_size
+        except JournalCorruptError:
+            return integrity.CHUNK
 
     async def verify(self, uuid: str) -> dict[str, Any]:
         """Scrub a replica: every marker record, every retained segment (each MiB
@@ -502,6 +569,7 @@ class Secondary:
                 markers.setdefault(str(seq), why)
 
         targets: set[str] = set()
+        bad_segments: dict[tuple[str, int], str] = {}
         expected = seqs[0] if seqs else 0
         for row in sorted(rows, key=lambda r: int(r["seq"])):
             seq = int(row["seq"])
@@ -520,8 +588,17 @@ class Secondary:
                     verify_segment(journal, seq, target, entry, full_hash=True)
                     checked += int(entry.get("size", 0))
                 except JournalCorruptError as e:
-                    # every later view of this disk reads through this segment
-                    found(str(e), [s for s in seqs if s >= seq])
+                    bad_segments[(target, seq)] = str(e)
+                    findings.append(str(e))
+        for (target, bad_seq), why in sorted(bad_segments.items()):
+            for seq in seqs:    # the markers whose views read it (a later segment may hold it all again)
+                if seq < bad_seq:
+                    continue
+                try:
+                    if integrity.reads_layer(journal.view(target, seq), journal.segment(target, bad_seq)):
+                        markers.setdefault(str(seq), why if seq == bad_seq else f"marker {seq} reads damaged {why}")
+                except JournalCorruptError as e:
+                    markers.setdefault(str(seq), f"marker {seq}: {e}")
         for target in sorted(targets):
             base = journal.base(target)
             meta = integrity.check_metadata(base)
@@ -550,7 +627,11 @@ class Secondary:
                 hit = sorted(read & set(damaged))
                 if hit:
                     markers.setdefault(str(seq), f"marker {seq}: {damaged[hit[0]]}")
-        return {"checked_at": time.time(), "bytes": checked, "findings": findings, "markers": markers}
+        damaged_segments: dict[str, dict[str, str]] = {}
+        for (target, bad_seq), why in bad_segments.items():
+            damaged_segments.setdefault(target, {})[str(bad_seq)] = why
+        return {"checked_at": time.time(), "bytes": checked, "findings": findings, "markers": markers,
+                "segments": damaged_segments}
 
     async def run_scrubs(self) -> None:
         """The scheduled scrub (``[journal] scrub_interval``): a replica is verified
@@ -588,15 +669,28 @@ class Secondary:
             return {}
         journal = self.journal(uuid)
         sizes = {p.target: p.size for p in self.store.pairs(ROLE, uuid) if p.state != PairState.DELETED}
+        damaged = self._damaged_segments(uuid)
+        rows = {int(r["seq"]): r for r in self.store.marker_rows(uuid)}
         out = {}
         for target, size in sorted(sizes.items()):
+            view = journal.view(target, last.seq)
             try:
-                ranges = integrity.repair_ranges(journal.base(target), journal.view(target, last.seq), size)
+                ranges = integrity.repair_ranges(journal.base(target), view, size)
+                chunk_size = self._chunk_size(journal, target)
+                chunks = {r[0] // chunk_size + i for r in ranges for i in range(-(-r[1] // chunk_size))}
+                for (t, seq), _ in damaged.items():
+                    if t != target or seq not in rows:
+                        continue
+                    entry = json.loads(rows[seq]["segments"]).get(target, {})
+                    seg = journal.segment(target, seq)
+                    held = set(entry.get("holds", [])) if entry.get("holds_chunk") == chunk_size \
+                        else set(integrity.segment_chunks(seg, chunk_size))
+                    chunks |= held & integrity.layer_chunks_read(view, seg, chunk_size)
             except JournalCorruptError as e:
                 log.warning("%s: cannot tell what to repair on %s: %s", uuid, target, e)
                 continue
-            if ranges:
-                out[target] = ranges
+            if chunks:
+                out[target] = integrity.chunk_ranges(chunks, chunk_size, size)
         return out
 
     def replica_status(self) -> list[dict[str, Any]]:
@@ -633,6 +727,7 @@ class Secondary:
         rows = [r for r in self.store.marker_rows(uuid) if int(r["seq"]) > applied]
         now = time.time()
         journal = self.journal(uuid)
+        expected = applied + 1
         for row in rows:
             seq = int(row["seq"])
             if until is not None:
@@ -642,15 +737,29 @@ class Secondary:
                 if prot["held"] or not row["apply"] or row["cut_time"] > now - self.cfg.apply_delay:
                     break
             try:
-                segments = verify_record(row, applied + 1)
-                for target, entry in segments.items():
-                    await asyncio.to_thread(verify_segment, journal, seq, target, entry,
-                                            full_hash=seq != just_sealed)
+                segments = verify_record(row, expected)
             except JournalCorruptError as e:
+                self._halted.add(uuid)  # nothing after a damaged record can be trusted
                 self._report_damage(uuid, str(e))
                 break
+            expected = seq + 1
+            for target, entry in segments.items():
+                try:
+                    await asyncio.to_thread(verify_segment, journal, seq, target, entry,
+                                            full_hash=seq != just_sealed)
+                except JournalCorruptError as e:
+                    self.note_segment_damage(uuid, target, seq, str(e))
+            # A marker that reads a damaged segment is passed over; a later one
+            # that holds those chunks again (a repair) applies.
+            blocked = await asyncio.to_thread(self._damage_read_by, uuid, seq)
+            if blocked:
+                self._report_damage(uuid, blocked)
+                continue
             self.store.set_protection(uuid, ROLE, applied=seq)
             applied = seq
+            if uuid in self.damage and uuid not in self._halted:
+                log.warning("%s: marker %d applied past the damage (repaired)", uuid, seq)
+                del self.damage[uuid]
             fault_point("apply-after-pointer")
         await self._retain(uuid)
 
@@ -702,11 +811,23 @@ class Secondary:
         disks = json.loads(row["disks"])
         todo = [t for t in disks if os.path.isfile(journal.segment(t, seq))
                 and not os.path.islink(journal.segment(t, seq))]
+        damaged = self._damaged_segments(uuid)
         for target in todo:
-            if not resume and target in segments:
-                await asyncio.to_thread(verify_segment, journal, seq, target, segments[target], full_hash=True)
+            if not resume and target in segments and (target, seq) not in damaged:
+                try:
+                    await asyncio.to_thread(verify_segment, journal, seq, target, segments[target], full_hash=True)
+                except JournalCorruptError as e:
+                    self.note_segment_damage(uuid, target, seq, str(e))
+                    damaged[(target, seq)] = str(e)
+            holds = None
+            if (target, seq) in damaged:
+                # Folded all the same (a later marker already replaced what the replica
+                # reads): the chunks it holds become damaged chunks of the base.
+                entry = segments.get(target, {})
+                holds = entry.get("holds", []) if entry.get("holds_chunk") == self._chunk_size(journal, target) \
+                    else []
             for why in await asyncio.to_thread(integrity.prepare_fold, journal.base(target),
-                                               journal.segment(target, seq)):
+                                               journal.segment(target, seq), holds):
                 self.note_damage(uuid, why)
         self.store.set_protection(uuid, ROLE, folding=seq)
         fault_point("fold-after-intent")
@@ -723,6 +844,8 @@ class Secondary:
                     await asyncio.to_thread(integrity.finish_fold, journal.base(target), seq)
                 except JournalCorruptError as e:  # the data is folded; its record is what is damaged
                     self.note_damage(uuid, str(e))
+            if (target, seq) in damaged:
+                self._forget_segment_damage(uuid, target, seq)
             journal.drop_unused_links(target)
         fsync_path(journal.root)
         with self.store.transaction() as db:

@@ -145,12 +145,31 @@ def test_damage_is_named_refused_and_repaired_from_the_primary(site: dict[str, A
     sec.call("hold", domain=GUEST)
     m7, m8 = mark(pri), mark(pri)
     seg = root / f"vdb.seg-{m7:08d}.qcow2"
-    flip(seg, seg.stat().st_size - 100)
-    last_chunk = (seg.stat().st_size - 100) // MiB
+    _, seg_off = data_cluster(seg)
+    flip(seg, seg_off)
+    bad = seg_off // MiB
     found = sec.call("verify", domain=GUEST)
     assert found["findings"] == [f"marker {m7}: segment {seg.name} content does not match its hash in file chunk "
-                                 f"{last_chunk} (file bytes {last_chunk * MiB}..{(last_chunk + 1) * MiB})"], found
+                                 f"{bad} (file bytes {bad * MiB}..{(bad + 1) * MiB})"], found
     assert sorted(found["markers"]) == [str(m7), str(m8)]
-    with pytest.raises(PluginError, match=f"marker {m7}: segment {seg.name}"):
+    with pytest.raises(PluginError, match=f"marker {m8} reads damaged marker {m7}: segment {seg.name}"):
         sec.call("restore", domain=GUEST, marker=m8, to=str(tmp_path / "r8"))
     restore_cut(sec, m6, tmp_path)
+
+    # repair of the segment: the chunks it held (and no later marker holds) are sent again
+    sec.call("release", domain=GUEST)
+    info = sec.call("markers", domain=GUEST)
+    assert info["applied"] == m6, "a marker that reads the damaged segment was applied"
+    assert list(info["repair"]) == ["vdb"], info["repair"]
+    m9 = mark(pri)
+    info = sec.call("markers", domain=GUEST)
+    assert info["applied"] == m9 and info["repair"] == {}, info
+    restore_cut(sec, m9, tmp_path)
+    for seq in (m7, m8):
+        if any(m["seq"] == seq for m in info["markers"]):   # retained: still refused
+            with pytest.raises(PluginError, match=f"marker {seq}"):
+                sec.call("restore", domain=GUEST, marker=seq, to=str(tmp_path / f"x{seq}"))
+    m10 = mark(pri)
+    healed = sec.call("verify", domain=GUEST)
+    assert healed["findings"] == [] and healed["markers"] == {}, healed
+    restore_cut(sec, m10, tmp_path)
