@@ -17,8 +17,10 @@ it in ``vda.base.sums`` (see ``integrity``). The view of a disk at marker M
 is M's segment (or the base when M is ``base_seq``) with its backing chain.
 Sealed segments never change: folding one into the base leaves a link in its
 place, so the next segment's backing still resolves and its hash still holds.
-Nothing is trusted that has not been checked: a record whose CRC, sequence,
-segment file, size, hash or backing link is wrong stops everything after it.
+Nothing is trusted that has not been checked: a record whose CRC or sequence
+is wrong stops everything after it; a segment whose file, size or hash is wrong
+makes every marker that reads from it unrestorable (the secondary's reflecting
+unit passes them over, and asks the primary for those chunks again).
 """
 
 from __future__ import annotations

@@ -13,6 +13,12 @@ marker. Retention folds the oldest applied segments into the base (commit,
 then a link to the base in the segment's place); every fold step is
 idempotent and its intent is recorded first, so a crash at any point is
 repaired by doing it again.
+
+Integrity (:mod:`.integrity`): the base's chunk hashes follow every fold; a
+restore checks each byte it returns; ``verify`` scrubs a replica. Damage is
+reported (``integrity.json`` in the journal directory, ``markers``, ``status``)
+and repaired from the primary: ``info`` names the damaged chunks the newest
+marker still reads, the primary's next cut sends them again.
 """
 
 from __future__ import annotations
