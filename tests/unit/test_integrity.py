@@ -273,3 +273,39 @@ def test_segment_file_chunks(tmp_path: Path) -> None:
     with open(path, "ab") as f:
         f.write(b"x")
     assert integrity.first_bad_file_chunk(str(path), digests[:2]) == 1
+
+
+@needs_qemu_img
+def test_which_layer_a_view_reads(base: str, tmp_path: Path) -> None:
+    """A damaged segment affects a view only where the view reads from it."""
+    s2 = str(tmp_path / "vda.seg-00000002.qcow2")
+    s3 = str(tmp_path / "vda.seg-00000003.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "vda.base.qcow2", s2, "8M")
+    qemu_io(s2, "write -P 0x21 2M 64k", "write -P 0x22 6M 4k")
+    qemu_img("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "vda.seg-00000002.qcow2", s3, "8M")
+    assert integrity.segment_chunks(s2, CHUNK) == [2, 6]
+    assert integrity.reads_layer(s3, s2) and integrity.reads_layer(s2, s2)
+    assert integrity.layer_chunks_read(s3, s2, CHUNK) == set(range(8))
+    qemu_io(s3, "write -P 0x31 2M 1M", "write -P 0x32 6M 1M")   # a repair: both chunks again, whole
+    assert not integrity.reads_layer(s3, s2)
+    assert integrity.layer_chunks_read(s3, s2, CHUNK) & {2, 6} == set()
+
+
+def test_chunk_ranges_join_and_clip() -> None:
+    assert integrity.chunk_ranges([3, 1, 2, 7], CHUNK, 8 * MiB - 512) == [[MiB, 3 * MiB], [7 * MiB, MiB - 512]]
+    assert integrity.chunk_ranges([9], CHUNK, 8 * MiB) == []
+    many = integrity.chunk_ranges(range(0, 2000, 2), CHUNK, 4000 * MiB)
+    assert len(many) == integrity.MAX_REPAIR_RANGES
+
+
+@needs_qemu_img
+def test_folding_a_damaged_segment_marks_what_it_held(base: str, tmp_path: Path) -> None:
+    seg = str(tmp_path / "vda.seg-00000002.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "vda.base.qcow2", seg, "8M")
+    qemu_io(seg, "write -P 0x33 1M 1M", "write -P 0x44 6M 4k")
+    assert integrity.prepare_fold(base, seg, damaged=[1, 6, 7]) == []
+    qemu_img("commit", "-q", "-d", "-f", "qcow2", seg)
+    integrity.finish_fold(base, 2)
+    sums = integrity.load_sums(integrity.sums_path(base))
+    assert [i for i, st in enumerate(sums.states) if st != ChunkState.GOOD] == [1, 6, 7]
+    assert [i for i, _ in integrity.check_base_chunks(base, sums)] == [1, 6, 7]
