@@ -11,6 +11,8 @@ are compared with what they were before: a refused request leaves no trace.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import functools
 import math
 import os
@@ -380,3 +382,39 @@ def test_segments_are_hashed_off_the_event_loop(one_marker: Env, monkeypatch: py
     assert one_marker.rows()["markers"] == [(UUID, 1), (UUID, 2)]
     assert {name for name, _ in threads} == {"hash", "verify"}
     assert all(ident != threading.get_ident() for _, ident in threads), threads
+
+
+def test_scheduled_verify_runs_when_due_and_reports_damage(one_marker: Env) -> None:
+    """``[journal] scrub_interval``: the first sight of a replica starts the clock;
+    once that old, the scrub runs and its findings land in the report."""
+    from plugin.replication import integrity
+
+    sec = Secondary(dataclasses.replace(one_marker.cfg, scrub_interval=0.3), one_marker.store, one_marker.qmp)
+    root = one_marker.storage / UUID
+    with open(root / "vdb.base.sums", "r+b") as f:   # chunk 2's hash
+        f.seek(integrity.HEADER_SIZE + 2 * 37 + 20)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 1]))
+
+    async def until_checked() -> dict[str, Any]:
+        task = asyncio.create_task(sec.run_scrubs())
+        try:
+            for _ in range(200):
+                await asyncio.sleep(0.05)
+                report = integrity.load_report(str(root))
+                if report and report.get("checked_at"):
+                    return report
+            raise AssertionError("no scheduled verify ran")
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    report = one_marker.run(until_checked())
+    assert report["findings"] == ["vdb.base.qcow2 chunk 2 (guest bytes 2097152..3145728): its hash record entry "
+                                  "is damaged"]
+    assert report["markers"] == {"1": "marker 1: " + report["findings"][0]}
+    info = sec.info(UUID)
+    assert info["markers"][0]["damage"] == report["markers"]["1"]
+    assert info["repair"] == {"vdb": [[2 * MiB, MiB]]}
