@@ -42,6 +42,7 @@ import json
 import os
 import struct
 import subprocess
+import threading
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +61,9 @@ HEADER_SIZE = _HEADER.size + _HEADER_CRC.size
 MAX_DISK = 1 << 50  # the replica size limit prepare enforces
 _ZEROS = bytes(CHUNK)
 _ZERO_DIGESTS: dict[int, bytes] = {}
+# Records are read, changed and written back from worker threads (a scrub's
+# findings beside a restore's): one writer at a time, no lost update.
+_RECORD_LOCK = threading.Lock()
 
 
 class SumsCorruptError(JournalCorruptError):
@@ -417,7 +421,7 @@ def base_chunks_read(view: str, base: str, chunk_size: int) -> set[int]:
 
 def mark_damaged(path: str, chunks: Iterable[int]) -> None:
     """Record chunks found bad (so no later check or fold blesses them)."""
-    with contextlib.suppress(SumsCorruptError):
+    with _RECORD_LOCK, contextlib.suppress(SumsCorruptError):
         sums = load_sums(path)
         changed = False
         for idx in chunks:
@@ -434,6 +438,11 @@ def seal_base(base: str, base_seq: int) -> None:
 
 
 def prepare_fold(base: str, seg: str, damaged: Iterable[int] | None = None) -> list[str]:
+    with _RECORD_LOCK:
+        return _prepare_fold(base, seg, damaged)
+
+
+def _prepare_fold(base: str, seg: str, damaged: Iterable[int] | None) -> list[str]:
     """Before ``seg`` is committed into ``base``: check the base chunks the
     segment touches but does not cover entirely (their old bytes stay), and
     mark every touched chunk ``PENDING``; a chunk found bad stays ``DAMAGED``
@@ -481,6 +490,11 @@ def prepare_fold(base: str, seg: str, damaged: Iterable[int] | None = None) -> l
 
 
 def finish_fold(base: str, base_seq: int) -> None:
+    with _RECORD_LOCK:
+        _finish_fold(base, base_seq)
+
+
+def _finish_fold(base: str, base_seq: int) -> None:
     """After a commit into ``base``: hash the pending chunks; the record now
     describes marker ``base_seq``."""
     path = sums_path(base)
