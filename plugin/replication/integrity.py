@@ -585,10 +585,16 @@ def segment_chunks(seg: str, chunk_size: int) -> list[int]:
     return sorted(chunks_of(extents(seg), max_depth=0, present_only=True, chunk_size=chunk_size))
 
 
-def reads_layer(view: str, layer: str) -> bool:
-    """Whether a view's chain reads any guest byte from ``layer`` (one of its images)."""
+def reads_layer(view: str, layer: str, holds: Iterable[int] = (), chunk_size: int = CHUNK) -> bool:
+    """Whether a view's chain reads any guest byte from ``layer`` (one of its
+    images), or reads from ``layer`` or below any of the chunks ``holds`` (those
+    the layer's record says it holds: damaged metadata may hide some of them,
+    and then the view would read older bytes there)."""
     depth = chain_depth(view, layer)
-    return any(e.depth == depth and e.present for e in extents(view))
+    exts = extents(view)
+    if any(e.depth == depth and e.present for e in exts):
+        return True
+    return bool(set(holds) & chunks_of(exts, min_depth=depth, chunk_size=chunk_size))
 
 
 def layer_chunks_read(view: str, layer: str, chunk_size: int) -> set[int]:

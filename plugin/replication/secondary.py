@@ -434,7 +434,7 @@ class Secondary:
                             await asyncio.to_thread(verify_segment, journal, s, target, entry, full_hash=True)
                         except JournalCorruptError as e:
                             self.note_segment_damage(uuid, target, s, str(e))
-            blocked = await asyncio.to_thread(self._damage_read_by, uuid, seq)
+            blocked = await asyncio.to_thread(self._damage_read_by, uuid, seq, self._segment_holds(uuid))
             if blocked:
                 self.note_damage(uuid, blocked, markers={seq: blocked})
                 raise JournalCorruptError(blocked)
@@ -510,7 +510,18 @@ class Secondary:
                     out[(str(target), int(seq))] = str(why)
         return out
 
-    def _damage_read_by(self, uuid: str, seq: int) -> str | None:
+    def _segment_holds(self, uuid: str) -> dict[tuple[str, int], tuple[list[int], int]]:
+        """(target, seq) -> (chunks, chunk size) each retained segment holds, from its record."""
+        out = {}
+        for row in self.store.marker_rows(uuid):
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                for target, entry in json.loads(row["segments"]).items():
+                    if isinstance(entry.get("holds"), list) and isinstance(entry.get("holds_chunk"), int):
+                        out[(str(target), int(row["seq"]))] = (entry["holds"], entry["holds_chunk"])
+        return out
+
+    def _damage_read_by(self, uuid: str, seq: int,
+                        holds: Mapping[tuple[str, int], tuple[list[int], int]]) -> str | None:
         """Why marker ``seq`` cannot be trusted because of a damaged segment its
         views read (None: it reads none; segments newer than the damage may
         hold all those chunks again)."""
@@ -519,7 +530,8 @@ class Secondary:
             if s > seq:
                 continue
             try:
-                reads = integrity.reads_layer(journal.view(target, seq), journal.segment(target, s))
+                held, chunk_size = holds.get((target, s), ([], integrity.CHUNK))
+                reads = integrity.reads_layer(journal.view(target, seq), journal.segment(target, s), held, chunk_size)
             except JournalCorruptError as e:
                 return f"marker {seq}: {e}"
             if reads:
@@ -576,6 +588,7 @@ class Secondary:
 
         targets: set[str] = set()
         bad_segments: dict[tuple[str, int], str] = {}
+        seg_entries: dict[tuple[str, int], dict[str, Any]] = {}
         expected = seqs[0] if seqs else 0
         for row in sorted(rows, key=lambda r: int(r["seq"])):
             seq = int(row["seq"])
@@ -590,6 +603,7 @@ class Secondary:
             if seq <= base_seq:
                 continue
             for target, entry in sorted(segments.items()):
+                seg_entries[(target, seq)] = entry if isinstance(entry, dict) else {}
                 try:
                     verify_segment(journal, seq, target, entry, full_hash=True)
                     checked += int(entry.get("size", 0))
@@ -601,7 +615,11 @@ class Secondary:
                 if seq < bad_seq:
                     continue
                 try:
-                    if integrity.reads_layer(journal.view(target, seq), journal.segment(target, bad_seq)):
+                    entry = seg_entries.get((target, bad_seq), {})
+                    held = entry.get("holds", []) if isinstance(entry.get("holds"), list) else []
+                    chunk_size = entry.get("holds_chunk", integrity.CHUNK)
+                    if integrity.reads_layer(journal.view(target, seq), journal.segment(target, bad_seq), held,
+                                             chunk_size if isinstance(chunk_size, int) else integrity.CHUNK):
                         markers.setdefault(str(seq), why if seq == bad_seq else f"marker {seq} reads damaged {why}")
                 except JournalCorruptError as e:
                     markers.setdefault(str(seq), f"marker {seq}: {e}")
@@ -757,7 +775,7 @@ class Secondary:
                     self.note_segment_damage(uuid, target, seq, str(e))
             # A marker that reads a damaged segment is passed over; a later one
             # that holds those chunks again (a repair) applies.
-            blocked = await asyncio.to_thread(self._damage_read_by, uuid, seq)
+            blocked = await asyncio.to_thread(self._damage_read_by, uuid, seq, self._segment_holds(uuid))
             if blocked:
                 self._report_damage(uuid, blocked)
                 continue
