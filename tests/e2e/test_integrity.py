@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from plugin import cli
 from plugin.errors import PluginError
 from plugin.replication import integrity
 from tests.lab import stamps
@@ -80,7 +81,8 @@ def data_cluster(image: Path) -> tuple[int, int]:
     return int(ext["start"]) + 4096 + 100, int(ext["offset"]) + 4096 + 100
 
 
-def test_damage_is_named_refused_and_repaired_from_the_primary(site: dict[str, Any], tmp_path: Path) -> None:
+def test_damage_is_named_refused_and_repaired_from_the_primary(site: dict[str, Any], tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
     pri, sec = site["pri"], site["sec"]
     uuid = pri.call("protect", domain=GUEST, to="sec", rpo=3600, wait=True)["uuid"]
     root = sec.storage / uuid
@@ -88,7 +90,6 @@ def test_damage_is_named_refused_and_repaired_from_the_primary(site: dict[str, A
     clean = sec.call("verify", domain=GUEST)
     assert clean["findings"] == [] and clean["markers"] == {}, clean
     assert clean["bytes"] >= 2 * 8 * MiB
-    print(f"\nverify: {clean['bytes']} bytes in {clean['seconds']} s")
     info = sec.call("markers", domain=GUEST)
     assert info["base_seq"] == m2 and [m["seq"] for m in info["markers"]] == [m2, m3]
 
@@ -112,6 +113,16 @@ def test_damage_is_named_refused_and_repaired_from_the_primary(site: dict[str, A
     status = sec.call("status")
     replica = next(r for r in status["replicas"] if r["domain"] == GUEST)
     assert replica["findings"] == lines and replica["damaged_markers"] == [m2, m3]
+
+    # the real CLI: verify exits 1; restore is refused with one line naming file and chunk, nothing written
+    assert cli.main(["--socket", sec.socket, "verify", GUEST]) == 1
+    out = capsys.readouterr().out
+    assert f"damaged: vda.base.qcow2 chunk {bad_chunk} " in out and "damaged: vdb.base.qcow2 chunk 1 " in out
+    assert cli.main(["--socket", sec.socket, "restore", GUEST, "--marker", str(m3), "--to",
+                     str(tmp_path / "cli-refused")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"marker {m3}: vd" in err and ".base.qcow2 chunk " in err, err
+    assert not (tmp_path / "cli-refused").exists()
 
     for seq in (m2, m3):   # refused, in one line naming the file and the chunk
         with pytest.raises(PluginError, match=rf"^marker {seq}: vd[ab]\.base\.qcow2 chunk \d+ \(guest bytes") as e:
