@@ -63,7 +63,7 @@ _ZEROS = bytes(CHUNK)
 _ZERO_DIGESTS: dict[int, bytes] = {}
 # Records are read, changed and written back from worker threads (a scrub's
 # findings beside a restore's): one writer at a time, no lost update.
-_RECORD_LOCK = threading.Lock()
+RECORD_LOCK = threading.Lock()
 
 
 class SumsCorruptError(JournalCorruptError):
@@ -193,6 +193,21 @@ def load_sums(path: str) -> ChunkSums:
     except OSError as e:
         raise SumsCorruptError(f"{name}: chunk-hash record unreadable ({e.strerror})") from None
     return ChunkSums.decode(data, name)
+
+
+def condemn_sums(base: str) -> ChunkSums:
+    """The record of ``base`` as it stands, or, when it cannot be read (missing, bad
+    header), a new one in which every chunk is damaged: nothing in the base is
+    vouched for until a fold of a segment that holds a chunk entirely (a repair)
+    hashes it again. The unreadable record has been reported by the caller."""
+    path = sums_path(base)
+    try:
+        return load_sums(path)
+    except SumsCorruptError:
+        sums = ChunkSums.empty(virtual_size(base), 0)
+        sums.states = [ChunkState.DAMAGED] * sums.count
+        save_sums(path, sums)
+        return sums
 
 
 def save_sums(path: str, sums: ChunkSums) -> None:
@@ -421,7 +436,7 @@ def base_chunks_read(view: str, base: str, chunk_size: int) -> set[int]:
 
 def mark_damaged(path: str, chunks: Iterable[int]) -> None:
     """Record chunks found bad (so no later check or fold blesses them)."""
-    with _RECORD_LOCK, contextlib.suppress(SumsCorruptError):
+    with RECORD_LOCK, contextlib.suppress(SumsCorruptError):
         sums = load_sums(path)
         changed = False
         for idx in chunks:
@@ -438,7 +453,7 @@ def seal_base(base: str, base_seq: int) -> None:
 
 
 def prepare_fold(base: str, seg: str, damaged: Iterable[int] | None = None) -> list[str]:
-    with _RECORD_LOCK:
+    with RECORD_LOCK:
         return _prepare_fold(base, seg, damaged)
 
 
@@ -458,7 +473,7 @@ def _prepare_fold(base: str, seg: str, damaged: Iterable[int] | None) -> list[st
     :raise JournalCorruptError: the record or the segment's metadata is unreadable
     """
     path = sums_path(base)
-    sums = load_sums(path)
+    sums = condemn_sums(base)
     exts = extents(seg)
     seg_size = max((e.start + e.length for e in exts), default=0)
     touched = chunks_of(exts, max_depth=0, present_only=True, chunk_size=sums.chunk_size)
@@ -467,7 +482,9 @@ def _prepare_fold(base: str, seg: str, damaged: Iterable[int] | None) -> list[st
         sums.resize(seg_size)
     found: list[str] = []
     if ChunkState.PENDING not in sums.states:
-        bad = check_base_chunks(base, sums, touched - covered)
+        good = {c for c in touched - covered if c < sums.count and sums.states[c] == ChunkState.GOOD
+                and c not in sums.unreadable}   # the others are damaged already, and stay so
+        bad = check_base_chunks(base, sums, good)
         for idx, why in bad:
             sums.states[idx] = ChunkState.DAMAGED
             found.append(why)
@@ -490,7 +507,7 @@ def _prepare_fold(base: str, seg: str, damaged: Iterable[int] | None) -> list[st
 
 
 def finish_fold(base: str, base_seq: int) -> None:
-    with _RECORD_LOCK:
+    with RECORD_LOCK:
         _finish_fold(base, base_seq)
 
 

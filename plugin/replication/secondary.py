@@ -631,6 +631,12 @@ class Secondary:
                 continue
             try:
                 sums = integrity.load_sums(integrity.sums_path(base))
+            except integrity.SumsCorruptError as e:
+                found(str(e), seqs)
+                with integrity.RECORD_LOCK:
+                    integrity.condemn_sums(base)  # every chunk damaged: a repair sends them all again
+                continue
+            try:
                 bad = integrity.check_base_chunks(base, sums)
             except JournalCorruptError as e:
                 found(str(e), seqs)

@@ -312,3 +312,19 @@ def test_folding_a_damaged_segment_marks_what_it_held(base: str, tmp_path: Path)
     sums = integrity.load_sums(integrity.sums_path(base))
     assert [i for i, st in enumerate(sums.states) if st != ChunkState.GOOD] == [1, 6, 7]
     assert [i for i, _ in integrity.check_base_chunks(base, sums)] == [1, 6, 7]
+
+
+@needs_qemu_img
+def test_an_unreadable_record_condemns_every_chunk_until_a_fold_rehashes_it(base: str, tmp_path: Path) -> None:
+    flip(integrity.sums_path(base), 3)   # the magic: the whole record is refused
+    with pytest.raises(SumsCorruptError, match="not a chunk-hash record"):
+        integrity.load_sums(integrity.sums_path(base))
+    seg = str(tmp_path / "vda.seg-00000002.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "vda.base.qcow2", seg, "8M")
+    qemu_io(seg, "write -P 0x33 1M 1M", "write -P 0x44 6M 4k")   # a repair of chunk 1 (and part of 6)
+    assert integrity.prepare_fold(base, seg) == []
+    qemu_img("commit", "-q", "-d", "-f", "qcow2", seg)
+    integrity.finish_fold(base, 2)
+    sums = integrity.load_sums(integrity.sums_path(base))
+    assert [i for i, st in enumerate(sums.states) if st == ChunkState.GOOD] == [1]
+    assert [i for i, _ in integrity.check_base_chunks(base, sums)] == [0, 2, 3, 4, 5, 6, 7]
