@@ -233,7 +233,11 @@ class DomainReplicator:
             if not checked:
                 continue
             node = f"vs-repair-{disk.target}"
-            granularity = (await bitmaps.info(self.qmp, disk.node, gen_name(last))).granularity
+            try:
+                granularity = (await bitmaps.info(self.qmp, disk.node, gen_name(last))).granularity
+            except BlockdevError as e:  # no usable bitmap: this disk's next copy is full anyway
+                self.log.warning("repair of %s: %s", disk.target, e)
+                continue
             await nodes.blockdev_add(self.qmp, {"driver": "null-co", "node-name": node, "size": disk.size})
             try:
                 await bitmaps.add(self.qmp, node, node, persistent=False, granularity=granularity)
