@@ -342,9 +342,9 @@ def check_metadata(path: str) -> str | None:
     name = os.path.basename(path)
     try:
         report = json.loads(proc.stdout)
-    except ValueError:
+        bad = int(report.get("corruptions", 0)) + int(report.get("check-errors", 0))
+    except (ValueError, TypeError, AttributeError):
         return f"{name}: qcow2 metadata unreadable: {proc.stderr.strip()[:200]}"
-    bad = int(report.get("corruptions", 0)) + int(report.get("check-errors", 0))
     if bad:
         return f"{name}: qcow2 metadata damaged ({bad} errors found by qemu-img check)"
     return None
