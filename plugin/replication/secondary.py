@@ -434,7 +434,9 @@ class Secondary:
                             await asyncio.to_thread(verify_segment, journal, s, target, entry, full_hash=True)
                         except JournalCorruptError as e:
                             self.note_segment_damage(uuid, target, s, str(e))
-            blocked = await asyncio.to_thread(self._damage_read_by, uuid, seq, self._segment_holds(uuid))
+            blocked = None
+            if self._damaged_segments(uuid):
+                blocked = await asyncio.to_thread(self._damage_read_by, uuid, seq, self._segment_holds(uuid))
             if blocked:
                 self.note_damage(uuid, blocked, markers={seq: blocked})
                 raise JournalCorruptError(blocked)
@@ -781,7 +783,9 @@ class Secondary:
                     self.note_segment_damage(uuid, target, seq, str(e))
             # A marker that reads a damaged segment is passed over; a later one
             # that holds those chunks again (a repair) applies.
-            blocked = await asyncio.to_thread(self._damage_read_by, uuid, seq, self._segment_holds(uuid))
+            blocked = None
+            if self._damaged_segments(uuid):
+                blocked = await asyncio.to_thread(self._damage_read_by, uuid, seq, self._segment_holds(uuid))
             if blocked:
                 self._report_damage(uuid, blocked)
                 continue
