@@ -733,7 +733,7 @@ class Agent:
             prot = self._store().protection(p.uuid, PRIMARY)
             assert prot is not None
             return await self.peers[prot["peer"]].call("info", {"uuid": p.uuid})
-        return self._sec().info(uuid)
+        return await self._sec().info_async(uuid)
 
     def _replica(self, args: dict[str, Any]) -> str:
         name = arg(args, "domain", str)

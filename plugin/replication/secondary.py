@@ -361,7 +361,7 @@ class Secondary:
             "held": bool(prot["held"]) if prot else False,
             "damage": self.damage.get(uuid),
             "integrity": report,
-            "repair": self.repair_ranges(uuid) if report and report["findings"] and prot else {},
+            "repair": {},  # filled by info_async when the report holds findings
             "journal_bytes": journal.segment_bytes(),
             "journal_limit": self.cfg.journal_max_bytes,
             "replica": self.replica_views(uuid) if prot else {},
@@ -369,6 +369,15 @@ class Secondary:
                          "apply": m.apply, "applied": m.seq <= applied, "damage": damaged.get(str(m.seq))}
                         for m in markers],
         }
+
+    async def info_async(self, uuid: str) -> dict[str, Any]:
+        """:meth:`info` with ``repair``: the damaged ranges to send again (see
+        :meth:`repair_ranges`), worked out off the event loop."""
+        out = self.info(uuid)
+        report = out["integrity"]
+        if out["protected"] and report and report["findings"]:
+            out["repair"] = await self.repair_ranges_async(check_uuid(uuid))
+        return out
 
     # -- local journal commands -------------------------------------------------
 
@@ -692,30 +701,41 @@ class Secondary:
                     log.warning("scheduled verify of %s: %s", prot["domain"], e)
 
     def repair_ranges(self, uuid: str) -> dict[str, list[list[int]]]:
-        """Per disk, the guest ranges whose damaged base chunks the newest marker
-        still reads: what the primary sends again at its next cycle (it marks
-        them dirty). Once a marker holds them, they are no longer asked for;
-        its fold re-hashes those chunks in the base."""
+        """Per disk, the guest ranges whose damaged chunks (of the base, or of a
+        damaged segment) the newest marker still reads: what the primary sends
+        again at its next cycle (it marks them dirty). Once a marker holds them,
+        they are no longer asked for; its fold re-hashes those chunks in the base."""
+        return self._repair_compute(uuid, *self._repair_inputs(uuid))
+
+    async def repair_ranges_async(self, uuid: str) -> dict[str, list[list[int]]]:
+        """:meth:`repair_ranges` with its file reads and ``qemu-img`` runs off the event loop."""
+        return await asyncio.to_thread(self._repair_compute, uuid, *self._repair_inputs(uuid))
+
+    def _repair_inputs(self, uuid: str) -> tuple[int, dict[str, int], dict[tuple[str, int], tuple[list[int], int]]]:
+        """What the store knows (read on the event loop): the newest marker, the disks' sizes, what segments hold."""
         last = self.store.last_marker(uuid)
-        if last is None:
+        sizes = {p.target: p.size for p in self.store.pairs(ROLE, uuid) if p.state != PairState.DELETED}
+        return (last.seq if last else 0), sizes, self._segment_holds(uuid)
+
+    def _repair_compute(self, uuid: str, last: int, sizes: Mapping[str, int],
+                        holds: Mapping[tuple[str, int], tuple[list[int], int]]) -> dict[str, list[list[int]]]:
+        if not last:
             return {}
         journal = self.journal(uuid)
-        sizes = {p.target: p.size for p in self.store.pairs(ROLE, uuid) if p.state != PairState.DELETED}
         damaged = self._damaged_segments(uuid)
-        rows = {int(r["seq"]): r for r in self.store.marker_rows(uuid)}
         out = {}
         for target, size in sorted(sizes.items()):
-            view = journal.view(target, last.seq)
+            view = journal.view(target, last)
             try:
                 ranges = integrity.repair_ranges(journal.base(target), view, size)
                 chunk_size = self._chunk_size(journal, target)
                 chunks = {r[0] // chunk_size + i for r in ranges for i in range(-(-r[1] // chunk_size))}
                 for (t, seq), _ in damaged.items():
-                    if t != target or seq not in rows:
+                    if t != target or seq > last:
                         continue
-                    entry = json.loads(rows[seq]["segments"]).get(target, {})
                     seg = journal.segment(target, seq)
-                    held = set(entry.get("holds", [])) if entry.get("holds_chunk") == chunk_size \
+                    recorded, recorded_chunk = holds.get((target, seq), ([], 0))
+                    held = set(recorded) if recorded_chunk == chunk_size \
                         else set(integrity.segment_chunks(seg, chunk_size))
                     chunks |= held & integrity.layer_chunks_read(view, seg, chunk_size)
             except JournalCorruptError as e:

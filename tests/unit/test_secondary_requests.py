@@ -415,6 +415,7 @@ def test_scheduled_verify_runs_when_due_and_reports_damage(one_marker: Env) -> N
     assert report["findings"] == ["vdb.base.qcow2 chunk 2 (guest bytes 2097152..3145728): its hash record entry "
                                   "is damaged"]
     assert report["markers"] == {"1": "marker 1: " + report["findings"][0]}
-    info = sec.info(UUID)
+    assert sec.info(UUID)["repair"] == {}   # worked out off the event loop, by info_async
+    info = one_marker.run(sec.info_async(UUID))
     assert info["markers"][0]["damage"] == report["markers"]["1"]
     assert info["repair"] == {"vdb": [[2 * MiB, MiB]]}
