@@ -219,7 +219,7 @@ class Secondary:
             if kind == "incremental" and last is None:
                 raise PeerRequestError("an incremental cycle needs a previous marker")
             if uuid in self._halted:
-                raise JournalCorruptError(f"journal of {prot['domain']} is damaged: {self.damage[uuid]}")
+                raise JournalCorruptError(f"journal of {prot['domain']} is damaged: {self.damage.get(uuid)}")
             await self._close_open(uuid, discard=True)
             await self._enforce_space(uuid)
             journal = self.journal(uuid)
@@ -492,7 +492,11 @@ class Secondary:
         marked damaged in the base's record instead)."""
         root = self.journal(uuid).root
         report = integrity.load_report(root) or {"checked_at": None, "findings": [], "markers": {}}
-        segs = report.setdefault("segments", {}).setdefault(target, {})
+        if not isinstance(report.get("segments"), dict):
+            report["segments"] = {}
+        segs = report["segments"].get(target)
+        if not isinstance(segs, dict):
+            segs = report["segments"][target] = {}
         if segs.get(str(seq)) == why and why in report["findings"]:
             return
         segs[str(seq)] = why
@@ -505,7 +509,9 @@ class Secondary:
     def _forget_segment_damage(self, uuid: str, target: str, seq: int) -> None:
         root = self.journal(uuid).root
         report = integrity.load_report(root)
-        if report and report.get("segments", {}).get(target, {}).pop(str(seq), None) is not None:
+        segs = report.get("segments") if report else None
+        entries = segs.get(target) if isinstance(segs, dict) else None
+        if report and isinstance(entries, dict) and entries.pop(str(seq), None) is not None:
             integrity.save_report(root, report)
 
     def _damaged_segments(self, uuid: str) -> dict[tuple[str, int], str]:
@@ -516,7 +522,12 @@ class Secondary:
         segs = report.get("segments")
         for target, entries in (segs.items() if isinstance(segs, dict) else []):
             for seq, why in (entries.items() if isinstance(entries, dict) else []):
-                path = journal.segment(str(target), int(seq))
+                if not str(seq).isdigit():
+                    continue
+                try:
+                    path = journal.segment(check_target(target), int(seq))
+                except PeerRequestError:
+                    continue
                 if os.path.isfile(path) and not os.path.islink(path):
                     out[(str(target), int(seq))] = str(why)
         return out

@@ -73,12 +73,15 @@ def audit_events(agent: LabAgent) -> set[str]:
         db.close()
 
 
-def data_cluster(image: Path) -> tuple[int, int]:
-    """(guest offset, file offset) of the first data cluster of an image of the guest's stamps."""
-    out = subprocess.run(["qemu-img", "map", "-U", "--output=json", str(image)], check=True,
+def read_from(view: Path, depth: int) -> tuple[int, int]:
+    """(guest offset, offset in that layer's file) of a byte that ``view`` reads
+    from the layer ``depth`` images down its chain (0: the view itself). The guest
+    writes scattered 4 KiB blocks, but a busy cycle may still rewrite a whole MiB:
+    the damage goes where the newest marker surely reads it."""
+    out = subprocess.run(["qemu-img", "map", "-U", "--output=json", str(view)], check=True,
                          capture_output=True, text=True).stdout
-    ext = next(e for e in json.loads(out) if e["data"] and e["depth"] == 0)
-    return int(ext["start"]) + 4096 + 100, int(ext["offset"]) + 4096 + 100
+    ext = next(e for e in json.loads(out) if e["data"] and e["depth"] == depth)
+    return int(ext["start"]) + 100, int(ext["offset"]) + 100
 
 
 def test_damage_is_named_refused_and_repaired_from_the_primary(site: dict[str, Any], tmp_path: Path,
@@ -93,19 +96,22 @@ def test_damage_is_named_refused_and_repaired_from_the_primary(site: dict[str, A
     info = sec.call("markers", domain=GUEST)
     assert info["base_seq"] == m2 and [m["seq"] for m in info["markers"]] == [m2, m3]
 
-    # one byte in a data cluster of vda's base, one in vdb's base record (chunk 1's hash)
-    guest_off, file_off = data_cluster(root / "vda.base.qcow2")
+    # one byte in a data cluster of vda's base, one in the hash of a chunk of vdb's base
+    # (both where marker m3, whose segments sit right on the base, reads from the base)
+    guest_off, file_off = read_from(root / f"vda.seg-{m3:08d}.qcow2", depth=1)
     flip(root / "vda.base.qcow2", file_off)
     bad_chunk = guest_off // MiB
-    flip(root / "vdb.base.sums", integrity.HEADER_SIZE + 1 * 37 + 9)
+    rec_chunk = read_from(root / f"vdb.seg-{m3:08d}.qcow2", depth=1)[0] // MiB
+    flip(root / "vdb.base.sums", integrity.HEADER_SIZE + rec_chunk * 37 + 9)
 
     found = sec.call("verify", domain=GUEST)
     lines = found["findings"]
     assert any(f.startswith(f"vda.base.qcow2 chunk {bad_chunk} (guest bytes {bad_chunk * MiB}..")
                and "content does not match its recorded hash" in f for f in lines), lines
-    assert any(f.startswith("vdb.base.qcow2 chunk 1 (") and "hash record entry is damaged" in f for f in lines), lines
+    assert any(f.startswith(f"vdb.base.qcow2 chunk {rec_chunk} (") and "hash record entry is damaged" in f
+               for f in lines), lines
     assert len(lines) == 2, lines
-    # every retained marker reads those base chunks (no later segment holds a whole MiB of them)
+    # every retained marker reads those base chunks (m2 is the base itself; m3 reads them)
     assert sorted(found["markers"]) == [str(m2), str(m3)], found["markers"]
     info = sec.call("markers", domain=GUEST)
     assert all(m["damage"] for m in info["markers"]), info["markers"]
@@ -117,7 +123,7 @@ def test_damage_is_named_refused_and_repaired_from_the_primary(site: dict[str, A
     # the real CLI: verify exits 1; restore is refused with one line naming file and chunk, nothing written
     assert cli.main(["--socket", sec.socket, "verify", GUEST]) == 1
     out = capsys.readouterr().out
-    assert f"damaged: vda.base.qcow2 chunk {bad_chunk} " in out and "damaged: vdb.base.qcow2 chunk 1 " in out
+    assert f"damaged: vda.base.qcow2 chunk {bad_chunk} " in out and f"damaged: vdb.base.qcow2 chunk {rec_chunk} " in out
     assert cli.main(["--socket", sec.socket, "restore", GUEST, "--marker", str(m3), "--to",
                      str(tmp_path / "cli-refused")]) == 1
     err = capsys.readouterr().err
@@ -132,7 +138,7 @@ def test_damage_is_named_refused_and_repaired_from_the_primary(site: dict[str, A
 
     # repair: the secondary asks, the primary's next cut sends those chunks again (and only those)
     asked = sec.call("markers", domain=GUEST)["repair"]
-    assert asked == {"vda": [[bad_chunk * MiB, MiB]], "vdb": [[MiB, MiB]]}, asked
+    assert asked == {"vda": [[bad_chunk * MiB, MiB]], "vdb": [[rec_chunk * MiB, MiB]]}, asked
     m4 = mark(pri)
     assert "repair-requested" in audit_events(pri)
     sent = pri.call("markers", domain=GUEST)["markers"][-1]
@@ -156,7 +162,7 @@ def test_damage_is_named_refused_and_repaired_from_the_primary(site: dict[str, A
     sec.call("hold", domain=GUEST)
     m7, m8 = mark(pri), mark(pri)
     seg = root / f"vdb.seg-{m7:08d}.qcow2"
-    _, seg_off = data_cluster(seg)
+    _, seg_off = read_from(root / f"vdb.seg-{m8:08d}.qcow2", depth=1)   # a byte of m7 that m8 reads
     flip(seg, seg_off)
     bad = seg_off // MiB
     found = sec.call("verify", domain=GUEST)
