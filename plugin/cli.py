@@ -437,7 +437,27 @@ class StatusCommand(Command):
             lines.append(line)
             if d.get("reason"):
                 lines.append(f"      reason: {one_line(str(d['reason']))}")
-        return lines
+        return lines + _replica_lines(result.get("replicas"))
+
+
+def _replica_lines(replicas: object) -> list[str]:
+    """The replicas this host keeps (the secondary's side), with their damage."""
+    reps = _dicts(replicas)
+    if not reps:
+        return []
+    lines = ["replicas:"]
+    rows = []
+    for r in reps:
+        findings = r.get("findings") or []
+        damaged = bool(findings or r.get("journal_damage"))
+        rows.append([_cell(r.get("domain")), _cell(r.get("peer")), _cell(r.get("applied")),
+                     _cell(r.get("last_marker")), _time(r.get("checked_at")) if r.get("checked_at") else "never",
+                     "DAMAGED" if damaged else "ok"])
+    lines += table(("DOMAIN", "PEER", "APPLIED", "NEWEST", "VERIFIED", "INTEGRITY"), rows, "  ")
+    for r in reps:
+        for why in ([r["journal_damage"]] if r.get("journal_damage") else []) + list(r.get("findings") or []):
+            lines.append(f"  {one_line(str(r.get('domain')))}: damaged: {one_line(str(why))}")
+    return lines
 
 
 class ProtectCommand(_DomainCommand):
@@ -571,8 +591,53 @@ class MarkersCommand(_ReplicaCommand):
             if isinstance(size, dict):   # per-disk byte counts, as in the Marker model
                 size = sum(v for v in size.values() if _number(v) is not None)
             rows.append([_cell(m.get("seq")), _time(m.get("cut_time")), _cell(m.get("label")), human_bytes(size),
-                         _cell(m.get("apply")), _cell(m.get("applied"))])
-        return table(("SEQ", "CUT TIME", "LABEL", "BYTES", "APPLY", "APPLIED"), rows)
+                         _cell(m.get("apply")), _cell(m.get("applied")), "DAMAGED" if m.get("damage") else "ok"])
+        lines = table(("SEQ", "CUT TIME", "LABEL", "BYTES", "APPLY", "APPLIED", "INTEGRITY"), rows)
+        return lines + _integrity_lines(result.get("integrity"), markers)
+
+
+def _integrity_lines(report: object, markers: list[dict[str, Any]] | None = None) -> list[str]:
+    """The last check of a replica and what it found, one line per finding."""
+    if not isinstance(report, dict):
+        return []
+    checked = report.get("checked_at")
+    findings = [str(f) for f in report.get("findings") or []]
+    lines = [f"last verified: {_time(checked) if checked else 'never'}"
+             + (f", {len(findings)} finding(s)" if findings else ", no damage found" if checked else "")]
+    lines += [f"  damaged: {one_line(f)}" for f in findings]
+    for m in markers or []:
+        if m.get("damage"):
+            lines.append(f"  marker {_cell(m.get('seq'))} will not restore: {one_line(str(m['damage']))}")
+    return lines
+
+
+class VerifyCommand(_DomainCommand):
+    name = "verify"
+    help = ("on the secondary: check the replica's base, segments and hash records now (a scrub); "
+            "exit 1 when damage is found")
+
+    def run(self, args: argparse.Namespace) -> int:
+        result = ipc.request(args.socket, self.name, self.request_args(args), timeout=WAIT_TIMEOUT)
+        if args.json:
+            print(json.dumps(result, sort_keys=True, indent=2))
+        else:
+            for line in self.render(result, args):
+                print(line)
+        return 1 if _field(result, "findings") else 0
+
+    def render(self, result: object, args: argparse.Namespace) -> list[str]:
+        if not isinstance(result, dict):
+            return super().render(result, args)
+        findings = [str(f) for f in result.get("findings") or []]
+        head = (f"{one_line(args.domain)}: verified {human_bytes(result.get('bytes'))} in "
+                f"{human_duration(result.get('seconds'))}: ")
+        lines = [head + (f"{len(findings)} finding(s)" if findings else "no damage found")]
+        lines += [f"  damaged: {one_line(f)}" for f in findings]
+        damaged = result.get("markers")
+        if isinstance(damaged, dict):
+            for seq in sorted(damaged, key=lambda s: int(s) if str(s).isdigit() else 0):
+                lines.append(f"  marker {one_line(str(seq))} will not restore: {one_line(str(damaged[seq]))}")
+        return lines
 
 
 def _marker_number(text: str) -> int:
@@ -817,7 +882,7 @@ class KeysCommand(Command):
 
 COMMANDS: tuple[type[Command], ...] = (StatusCommand, ProtectCommand, UnprotectCommand, PairsCommand,
                                        SuspendCommand, ResumeCommand, MarkCommand, MarkersCommand,
-                                       ApplyCommand, HoldCommand, ReleaseCommand, RestoreCommand,
+                                       ApplyCommand, HoldCommand, ReleaseCommand, RestoreCommand, VerifyCommand,
                                        TrackerCommand, HookCommand, KeysCommand)
 
 

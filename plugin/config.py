@@ -24,6 +24,7 @@
     retain_seconds = 0                # ... and for at least this long
     max_bytes = 0                     # space for segments; 0 = unbounded
     on_full = "refuse"                # or "apply": fold old markers to make room
+    scrub_interval = 604800           # seconds between scheduled `verify` runs of each replica; 0 = off
 
     [peers.dr1]
     address = "10.250.0.2:8441"
@@ -82,6 +83,7 @@ class Config:
     retain_seconds: float = 0.0
     journal_max_bytes: int = 0
     journal_on_full: str = "refuse"
+    scrub_interval: float = 604800.0  # a week; 0 = no scheduled verify
     path: str = ""
 
     @property
@@ -283,6 +285,10 @@ def _parse_doc(doc: dict[str, Any], path: str) -> Config:
     max_bytes = _get(journal, "max_bytes", int, "journal", 0)
     if retain < 0 or max_bytes < 0:
         raise ConfigError(f"{path}: journal.retain_markers and journal.max_bytes must be >= 0")
+    scrub = _get(journal, "scrub_interval", float, "journal", 604800.0)
+    if not math.isfinite(scrub) or scrub < 0:
+        raise ConfigError(f"{path}: journal.scrub_interval must be a finite number of seconds >= 0 (0 = off), "
+                          f"not {scrub!r}")
     return Config(
         name=name,
         listen_host=host,
@@ -308,6 +314,7 @@ def _parse_doc(doc: dict[str, Any], path: str) -> Config:
         retain_seconds=_get(journal, "retain_seconds", float, "journal", 0.0),
         journal_max_bytes=max_bytes,
         journal_on_full=on_full,
+        scrub_interval=scrub,
         path=path,
     )
 

@@ -186,6 +186,7 @@ class Agent:
         self._reconnect_task: asyncio.Task[None] | None = None
         self._delay_task: asyncio.Task[None] | None = None
         self._offline = offline.OfflineShips()  # ships of stopped domains' last writes
+        self._scrub_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -208,6 +209,8 @@ class Agent:
         self._tracker_task = asyncio.create_task(self._tracker_loop(), name="vs-tracker")
         if self.cfg.apply_delay > 0:
             self._delay_task = asyncio.create_task(self._apply_delayed_loop(), name="vs-apply-delay")
+        if self.cfg.scrub_interval > 0:
+            self._scrub_task = asyncio.create_task(self.secondary.run_scrubs(), name="vs-scrub")
         for prot in self.store.protections(PRIMARY):
             try:
                 await self._supervise(prot["domain_uuid"])
@@ -340,7 +343,7 @@ class Agent:
             self._events.put_nowait((p.uuid, "libvirt reconnected"))
 
     async def stop(self) -> None:
-        for task in (self._tracker_task, self._delay_task, self._reconnect_task):
+        for task in (self._tracker_task, self._delay_task, self._reconnect_task, self._scrub_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -396,7 +399,7 @@ class Agent:
             "pairs": self.op_pairs, "suspend": self.op_suspend, "resume": self.op_resume,
             "mark": self.op_mark, "markers": self.op_markers, "apply": self.op_apply, "hold": self.op_hold,
             "release": self.op_release, "restore": self.op_restore, "tracker": self.op_tracker,
-            "hook": self.op_hook,
+            "hook": self.op_hook, "verify": self.op_verify,
         }
         if op not in handlers:
             raise ipc.UnknownOperationError(f"unknown operation {op!r}")
@@ -1062,7 +1065,7 @@ class Agent:
             prot = self._store().protection(p.uuid, PRIMARY)
             assert prot is not None
             return await self.peers[prot["peer"]].call("info", {"uuid": p.uuid})
-        return self._sec().info(uuid)
+        return await self._sec().info_async(uuid)
 
     def _replica(self, args: dict[str, Any]) -> str:
         """The replica a local command names: ``domain`` (name or uuid), ``from`` (its peer) if ambiguous."""
@@ -1094,6 +1097,9 @@ class Agent:
             return await self._sec().restore(self._replica(args), arg(args, "marker", int), dest)
         except OSError as e:
             raise PluginError(f"restore into {dest} failed: {e.strerror or e}") from e
+
+    async def op_verify(self, args: dict[str, Any]) -> Any:
+        return await self._sec().verify(self._replica(args))
 
     def _pairs_json(self, uuid: str | None = None, down: dict[str, str] | None = None) -> list[dict[str, Any]]:
         """The pairs as they are now: the stored state, unless the domain is known
@@ -1175,7 +1181,7 @@ class Agent:
                          "last_marker": prot["generation"]})
         # Trouble first.
         doms.sort(key=lambda d: severity(PairState(d["state"])) if d["state"] != "-" else len(PairState))
-        return {"host": self.cfg.name, "peers": peers, "domains": doms}
+        return {"host": self.cfg.name, "peers": peers, "domains": doms, "replicas": self._sec().replica_status()}
 
 
 async def run_agent(cfg: Config) -> None:

@@ -26,7 +26,7 @@ def replica_handlers(name: str, sec: Callable[[], Secondary]) -> dict[str, Any]:
         return {"name": name, "time": time.time()}
 
     async def info(body: dict[str, Any], caller: str) -> dict[str, Any]:
-        return sec().info(owned(body, caller))
+        return await sec().info_async(owned(body, caller))
 
     async def prepare(body: dict[str, Any], caller: str) -> dict[str, Any]:
         disks = arg(body, "disks", list)

@@ -11,12 +11,16 @@
                                     newer segment's backing names it
 
 A marker record (sqlite) names each disk's sealed segment with its size and
-SHA-256 and carries a CRC over the whole record. The view of a disk at marker M
+a SHA-256 per MiB of the file (older records: one SHA-256 of the whole file)
+and carries a CRC over the whole record. The base's chunk hashes live beside
+it in ``vda.base.sums`` (see ``integrity``). The view of a disk at marker M
 is M's segment (or the base when M is ``base_seq``) with its backing chain.
 Sealed segments never change: folding one into the base leaves a link in its
 place, so the next segment's backing still resolves and its hash still holds.
-Nothing is trusted that has not been checked: a record whose CRC, sequence,
-segment file, size, hash or backing link is wrong stops everything after it.
+Nothing is trusted that has not been checked: a record whose CRC or sequence
+is wrong stops everything after it; a segment whose file, size or hash is wrong
+makes every marker that reads from it unrestorable (the secondary's reflecting
+unit passes them over, and asks the primary for those chunks again).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import JournalCorruptError
+from .integrity import CHUNK, first_bad_file_chunk
 
 SEGMENT_RE = re.compile(r"^(?P<target>[A-Za-z0-9]{1,16})\.seg-(?P<seq>\d{8})\.qcow2(?P<partial>\.partial)?$")
 
@@ -191,5 +196,13 @@ def verify_segment(journal: JournalDir, seq: int, target: str, entry: Mapping[st
     if size != entry.get("size"):
         raise JournalCorruptError(f"marker {seq}: segment {os.path.basename(path)} is {size} bytes, "
                                   f"recorded {entry.get('size')} (truncated or altered)")
-    if full_hash and file_sha256(path) != entry.get("sha256"):
+    if not full_hash:
+        return
+    chunks = entry.get("chunks")
+    if isinstance(chunks, list):  # one hash per MiB of the file: names where it was altered
+        bad = first_bad_file_chunk(path, [str(c) for c in chunks])
+        if bad is not None:
+            raise JournalCorruptError(f"marker {seq}: segment {os.path.basename(path)} content does not match its "
+                                      f"hash in file chunk {bad} (file bytes {bad * CHUNK}..{(bad + 1) * CHUNK})")
+    elif file_sha256(path) != entry.get("sha256"):
         raise JournalCorruptError(f"marker {seq}: segment {os.path.basename(path)} content does not match its hash")

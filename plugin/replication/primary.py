@@ -60,6 +60,7 @@ from ..domain import DiskSpec, PairEvent, PairState
 from ..errors import PluginError
 from ..peer import PeerClient
 from ..state import Store
+from .integrity import MAX_REPAIR_RANGES
 from .shipper import SHIP_BITMAP, NbdTls, Shipper, add_tls_client, domain_tag
 from .tools import run_tool
 
@@ -220,7 +221,53 @@ class DomainReplicator:
             for stale in sorted(names - {gen_name(last)}):
                 await bitmaps.remove(self.qmp, disk.node, stale)
         self.store.set_protection(self.uuid, ROLE, generation=last)
+        repair = info.get("repair")
+        if last and isinstance(repair, dict) and repair:
+            await self._mark_for_repair(last, repair)
         return last
+
+    async def _mark_for_repair(self, last: int, repair: dict[str, Any]) -> None:
+        """The secondary found damaged chunks in its replica: mark those guest
+        ranges dirty in the recording generation, so the next cut sends them
+        again (only them). QMP has no command that sets bits in a bitmap: the
+        ranges are written as zeroes (HMP ``qemu-io``) to a ``null-co`` node of
+        the disk's size, which discards the data but records the writes in its
+        own bitmap; that bitmap is merged into ``vs-g<last>`` and dropped."""
+        for disk in self.disks:
+            ranges = repair.get(disk.target)
+            if not isinstance(ranges, list) or not ranges:
+                continue
+            checked = []
+            for r in ranges[:MAX_REPAIR_RANGES]:
+                if not (isinstance(r, list) and len(r) == 2 and all(type(v) is int for v in r)
+                        and r[0] >= 0 and r[1] > 0 and r[0] + r[1] <= disk.size):
+                    self.log.warning("repair of %s: ignored a bad range %.60r", disk.target, r)
+                    continue
+                checked.append((r[0], r[1]))
+            if not checked:
+                continue
+            node = f"vs-repair-{disk.target}"
+            try:
+                granularity = (await bitmaps.info(self.qmp, disk.node, gen_name(last))).granularity
+            except BlockdevError as e:  # no usable bitmap: this disk's next copy is full anyway
+                self.log.warning("repair of %s: %s", disk.target, e)
+                continue
+            await nodes.blockdev_add(self.qmp, {"driver": "null-co", "node-name": node, "size": disk.size})
+            try:
+                await bitmaps.add(self.qmp, node, node, persistent=False, granularity=granularity)
+                for start, length in checked:
+                    reply = await self.qmp.execute("human-monitor-command", {
+                        "command-line": f'qemu-io {node} "write -z {start} {length}"'})
+                    if reply:  # qemu-io's own errors go to QEMU's log; a reply is HMP's error
+                        raise CycleError(f"repair of {disk.target}: qemu-io: {str(reply)[:200]}")
+                await self.qmp.execute("block-dirty-bitmap-merge", commands.bitmap_merge_args(
+                    disk.node, gen_name(last), [{"node": node, "name": node}]))
+            finally:
+                await nodes.blockdev_del(self.qmp, node, missing_ok=True)
+            self.log.warning("%s: the secondary asked for %d damaged range(s) again: marked dirty for the "
+                             "next cut", disk.target, len(checked))
+            self.store.audit("repair-requested", self.uuid, target=disk.target,
+                             ranges=[list(r) for r in checked][:16])
 
     async def _bitmaps_present(self) -> dict[str, set[str]]:
         out: dict[str, set[str]] = {}

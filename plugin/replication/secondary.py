@@ -13,6 +13,12 @@ marker. Retention folds the oldest applied segments into the base (commit,
 then a link to the base in the segment's place); every fold step is
 idempotent and its intent is recorded first, so a crash at any point is
 repaired by doing it again.
+
+Integrity (:mod:`.integrity`): the base's chunk hashes follow every fold; a
+restore checks each byte it returns; ``verify`` scrubs a replica. Damage is
+reported (``integrity.json`` in the journal directory, ``markers``, ``status``)
+and repaired from the primary: ``info`` names the damaged chunks the newest
+marker still reads, the primary's next cut sends them again.
 """
 
 from __future__ import annotations
@@ -36,10 +42,11 @@ from qemu_blockdev.transport import QmpTransport
 
 from ..config import Config
 from ..domain import Marker, PairState, Protection, label_problem
-from ..errors import JournalCorruptError, JournalError, StateConflictError
+from ..errors import JournalCorruptError, JournalError, PluginError, StateConflictError
 from ..faults import fault_point
 from ..state import Store
-from .journal import JournalDir, file_sha256, fsync_path, record_crc, verify_record, verify_segment
+from . import integrity
+from .journal import JournalDir, fsync_path, record_crc, verify_record, verify_segment
 from .limits import PeerRequestError as PeerRequestError  # its home was here: callers import it from here
 from .limits import (
     check_disk_count,
@@ -111,6 +118,7 @@ class Secondary:
         self._pins: dict[str, int] = {}  # restores in progress: no folding meanwhile
         self._expiry: dict[str, asyncio.Task[None]] = {}  # closes a cycle its primary abandoned
         self.damage: dict[str, str] = {}  # uuid -> why the journal stops there
+        self._halted: set[str] = set()  # a marker record is damaged: no cycle adds to that journal
 
     def _lock(self, uuid: str) -> asyncio.Lock:
         return self._locks.setdefault(uuid, asyncio.Lock())
@@ -157,7 +165,10 @@ class Secondary:
             uuid = prot["domain_uuid"]
             async with self._lock(uuid):
                 if prot["folding"]:
-                    await self._fold_one(uuid, int(prot["folding"]), resume=True)
+                    try:
+                        await self._fold_one(uuid, int(prot["folding"]), resume=True)
+                    except JournalCorruptError as e:
+                        self.note_damage(uuid, f"marker {prot['folding']} not folded: {e}")
                 committed = {int(r["seq"]) for r in self.store.marker_rows(uuid)}
                 for _target, seq, partial, path in self.journal(uuid).entries():
                     if partial or seq not in committed:
@@ -200,6 +211,7 @@ class Secondary:
             for target, size in checked:
                 if not os.path.exists(journal.base(target)):
                     await run_tool("qemu-img", "create", "-q", "-f", "qcow2", journal.base(target), str(size))
+                    await asyncio.to_thread(integrity.seal_base, journal.base(target), 0)
                 self.store.upsert_pair(uuid, ROLE, domain, target, primary, size, PairState.INITIAL_COPY)
             if self.store.protection(uuid, ROLE) is None:
                 self.store.add_protection(uuid, ROLE, domain, prot)
@@ -226,8 +238,8 @@ class Secondary:
                 raise PeerRequestError(f"cycle names disks {sorted(wanted)}, the domain has {sorted(known)}")
             if kind == "incremental" and last is None:
                 raise PeerRequestError("an incremental cycle needs a previous marker")
-            if uuid in self.damage:
-                raise JournalCorruptError(f"journal of {prot['domain']} is damaged: {self.damage[uuid]}")
+            if uuid in self._halted:
+                raise JournalCorruptError(f"journal of {prot['domain']} is damaged: {self.damage.get(uuid)}")
             await self._close_open(uuid, discard=True)
             await self._enforce_space(uuid)
             journal = self.journal(uuid)
@@ -288,8 +300,13 @@ class Secondary:
                     os.replace(path, sealed)
                     # Hashing takes ~0.1 s per 100 MiB: off the event loop, so other
                     # domains' cycles and peer calls are not held up meanwhile.
-                    digest = await asyncio.to_thread(file_sha256, sealed)
-                    segments[target] = {"size": os.stat(sealed).st_size, "sha256": digest}
+                    chunks = await asyncio.to_thread(integrity.file_chunk_digests, sealed)
+                    chunk_size = self._chunk_size(journal, target)
+                    holds = await asyncio.to_thread(integrity.segment_chunks, sealed, chunk_size)
+                    segments[target] = {"size": os.stat(sealed).st_size, "chunks": chunks, "holds": holds,
+                                        "holds_chunk": chunk_size}
+                else:  # the full copy went into the base itself: its chunk hashes start here
+                    await asyncio.to_thread(integrity.seal_base, path, seq)
             fsync_path(journal.root)
             fault_point("seal-before-marker")
             return await self._record(uuid, seq, cut_time, sorted(cycle.disks), nbytes, label, apply, segments)
@@ -361,6 +378,8 @@ class Secondary:
         applied = int(prot["applied"]) if prot else 0
         base_seq = int(prot["base_seq"]) if prot else 0
         journal = self.journal(uuid)
+        report = integrity.load_report(journal.root)
+        damaged = report["markers"] if report else {}
         return {
             "protected": prot is not None,
             "last_marker": markers[-1].seq if markers else 0,
@@ -368,12 +387,24 @@ class Secondary:
             "base_seq": base_seq,
             "held": bool(prot["held"]) if prot else False,
             "damage": self.damage.get(uuid),
+            "integrity": report,
+            "repair": {},  # filled by info_async when the report holds findings
             "journal_bytes": journal.segment_bytes(),
             "journal_limit": self.cfg.journal_max_bytes,
             "replica": self.replica_views(uuid) if prot else {},
             "markers": [{"seq": m.seq, "cut_time": m.cut_time, "bytes": m.bytes, "label": m.label,
-                         "apply": m.apply, "applied": m.seq <= applied} for m in markers],
+                         "apply": m.apply, "applied": m.seq <= applied, "damage": damaged.get(str(m.seq))}
+                        for m in markers],
         }
+
+    async def info_async(self, uuid: str) -> dict[str, Any]:
+        """:meth:`info` with ``repair``: the damaged ranges to send again (see
+        :meth:`repair_ranges`), worked out off the event loop."""
+        out = self.info(uuid)
+        report = out["integrity"]
+        if out["protected"] and report and report["findings"]:
+            out["repair"] = await self.repair_ranges_async(check_uuid(uuid))
+        return out
 
     # -- local journal commands -------------------------------------------------
 
@@ -435,8 +466,23 @@ class Secondary:
                 segments = verify_record(rows[s], s)
                 if s > base_seq:
                     for target, entry in segments.items():
-                        await asyncio.to_thread(verify_segment, journal, s, target, entry, full_hash=True)
+                        try:
+                            await asyncio.to_thread(verify_segment, journal, s, target, entry, full_hash=True)
+                        except JournalCorruptError as e:
+                            self.note_segment_damage(uuid, target, s, str(e))
+            blocked = None
+            if self._damaged_segments(uuid):
+                blocked = await asyncio.to_thread(self._damage_read_by, uuid, seq, self._segment_holds(uuid))
+            if blocked:
+                self.note_damage(uuid, blocked, markers={seq: blocked})
+                raise JournalCorruptError(blocked)
             views = {t: journal.view(t, seq) for t in json.loads(rows[seq]["disks"])}
+            for target, view in sorted(views.items()):
+                bad = await asyncio.to_thread(integrity.check_view, journal.base(target), view)
+                if bad:
+                    line = f"marker {seq}: {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+                    self.note_damage(uuid, bad[0], markers={seq: line})
+                    raise JournalCorruptError(line)
             self._pins[uuid] = self._pins.get(uuid, 0) + 1
         try:
             os.makedirs(dest, mode=0o700, exist_ok=True)
@@ -452,6 +498,303 @@ class Secondary:
             return {"marker": seq, "disks": written}
         finally:
             self._pins[uuid] -= 1
+
+    # -- integrity: scrub and damage reports ------------------------------------
+
+    def note_damage(self, uuid: str, why: str, markers: Mapping[int, str] | None = None) -> None:
+        """Record damage found outside a scrub (a restore, a fold) in the integrity
+        report, so ``markers`` and ``status`` show it until a check finds it gone."""
+        root = self.journal(uuid).root
+        report = integrity.load_report(root) or {"checked_at": None, "findings": [], "markers": {}}
+        if why not in report["findings"]:
+            report["findings"].append(why)
+            log.error("%s: replica damaged: %s", uuid, why)
+            self.store.audit("replica-damaged", uuid, why=why)
+        for seq, line in (markers or {}).items():
+            report["markers"].setdefault(str(seq), line)
+        integrity.save_report(root, report)
+
+    def note_segment_damage(self, uuid: str, target: str, seq: int, why: str) -> None:
+        """Record a damaged sealed segment (until it is folded: then its chunks are
+        marked damaged in the base's record instead)."""
+        root = self.journal(uuid).root
+        report = integrity.load_report(root) or {"checked_at": None, "findings": [], "markers": {}}
+        if not isinstance(report.get("segments"), dict):
+            report["segments"] = {}
+        segs = report["segments"].get(target)
+        if not isinstance(segs, dict):
+            segs = report["segments"][target] = {}
+        if segs.get(str(seq)) == why and why in report["findings"]:
+            return
+        segs[str(seq)] = why
+        if why not in report["findings"]:
+            report["findings"].append(why)
+        log.error("%s: replica damaged: %s", uuid, why)
+        self.store.audit("replica-damaged", uuid, why=why)
+        integrity.save_report(root, report)
+
+    def _forget_segment_damage(self, uuid: str, target: str, seq: int) -> None:
+        root = self.journal(uuid).root
+        report = integrity.load_report(root)
+        segs = report.get("segments") if report else None
+        entries = segs.get(target) if isinstance(segs, dict) else None
+        if report and isinstance(entries, dict) and entries.pop(str(seq), None) is not None:
+            integrity.save_report(root, report)
+
+    def _damaged_segments(self, uuid: str) -> dict[tuple[str, int], str]:
+        """(target, seq) -> why, for the damaged segments still in the journal."""
+        journal = self.journal(uuid)
+        report = integrity.load_report(journal.root) or {}
+        out = {}
+        segs = report.get("segments")
+        for target, entries in (segs.items() if isinstance(segs, dict) else []):
+            for seq, why in (entries.items() if isinstance(entries, dict) else []):
+                if not str(seq).isdigit():
+                    continue
+                try:
+                    path = journal.segment(check_target(target), int(seq))
+                except PeerRequestError:
+                    continue
+                if os.path.isfile(path) and not os.path.islink(path):
+                    out[(str(target), int(seq))] = str(why)
+        return out
+
+    def _segment_holds(self, uuid: str) -> dict[tuple[str, int], tuple[list[int], int]]:
+        """(target, seq) -> (chunks, chunk size) each retained segment holds, from its record."""
+        out = {}
+        for row in self.store.marker_rows(uuid):
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                for target, entry in json.loads(row["segments"]).items():
+                    if isinstance(entry.get("holds"), list) and isinstance(entry.get("holds_chunk"), int):
+                        out[(str(target), int(row["seq"]))] = (entry["holds"], entry["holds_chunk"])
+        return out
+
+    def _damage_read_by(self, uuid: str, seq: int,
+                        holds: Mapping[tuple[str, int], tuple[list[int], int]]) -> str | None:
+        """Why marker ``seq`` cannot be trusted because of a damaged segment its
+        views read (None: it reads none; segments newer than the damage may
+        hold all those chunks again)."""
+        journal = self.journal(uuid)
+        for (target, s), why in sorted(self._damaged_segments(uuid).items(), key=lambda kv: kv[0][1]):
+            if s > seq:
+                continue
+            try:
+                held, chunk_size = holds.get((target, s), ([], integrity.CHUNK))
+                reads = integrity.reads_layer(journal.view(target, seq), journal.segment(target, s), held, chunk_size)
+            except JournalCorruptError as e:
+                return f"marker {seq}: {e}"
+            if reads:
+                return why if s == seq else f"marker {seq} reads damaged {why}"
+        return None
+
+    def _chunk_size(self, journal: JournalDir, target: str) -> int:
+        try:
+            return integrity.load_sums(integrity.sums_path(journal.base(target))).chunk_size
+        except JournalCorruptError:
+            return integrity.CHUNK
+
+    async def verify(self, uuid: str) -> dict[str, Any]:
+        """Scrub a replica: every marker record, every retained segment (each MiB
+        of the file), the base's record and every chunk of the base, and its
+        qcow2 metadata. Cycles go on meanwhile (sealed files never change);
+        folds wait. Findings replace the last report and name each file and
+        chunk, and each marker they make unrestorable."""
+        uuid = check_uuid(uuid)
+        async with self._lock(uuid):
+            prot = self._prot(uuid)
+            cycle = self._open.get(uuid)
+            if cycle is not None and cycle.kind == "full" or int(prot["base_seq"]) == 0:
+                raise StateConflictError(f"the first full copy of {prot['domain']} is not complete yet",
+                                         state="initial-copy", required="active")
+            base_seq = int(prot["base_seq"])
+            rows = [dict(r) for r in self.store.marker_rows(uuid)]
+            self._pins[uuid] = self._pins.get(uuid, 0) + 1
+        try:
+            started = time.monotonic()
+            report = await asyncio.to_thread(self._scrub, uuid, base_seq, rows)
+            report["seconds"] = round(time.monotonic() - started, 3)
+        finally:
+            self._pins[uuid] -= 1
+        async with self._lock(uuid):
+            integrity.save_report(self.journal(uuid).root, report)
+            self.store.audit("verify", uuid, findings=len(report["findings"]), seconds=report["seconds"])
+            for why in report["findings"]:
+                log.error("%s: verify: %s", prot["domain"], why)
+            await self._retain(uuid)  # folds skipped meanwhile
+        return {"domain": prot["domain"], **report}
+
+    def _scrub(self, uuid: str, base_seq: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        journal = self.journal(uuid)
+        seqs = sorted(int(r["seq"]) for r in rows)
+        findings: list[str] = []
+        markers: dict[str, str] = {}
+        checked = 0
+
+        def found(why: str, affected: Sequence[int]) -> None:
+            findings.append(why)
+            for seq in affected:
+                markers.setdefault(str(seq), why)
+
+        targets: set[str] = set()
+        bad_segments: dict[tuple[str, int], str] = {}
+        seg_entries: dict[tuple[str, int], dict[str, Any]] = {}
+        expected = seqs[0] if seqs else 0
+        for row in sorted(rows, key=lambda r: int(r["seq"])):
+            seq = int(row["seq"])
+            try:
+                segments = verify_record(row, expected)
+                targets.update(json.loads(row["disks"]))
+            except JournalCorruptError as e:
+                found(str(e), [s for s in seqs if s >= seq])
+                expected = seq + 1
+                continue
+            expected = seq + 1
+            if seq <= base_seq:
+                continue
+            for target, entry in sorted(segments.items()):
+                seg_entries[(target, seq)] = entry if isinstance(entry, dict) else {}
+                try:
+                    verify_segment(journal, seq, target, entry, full_hash=True)
+                    checked += int(entry.get("size", 0))
+                except JournalCorruptError as e:
+                    bad_segments[(target, seq)] = str(e)
+                    findings.append(str(e))
+        for (target, bad_seq), why in sorted(bad_segments.items()):
+            for seq in seqs:    # the markers whose views read it (a later segment may hold it all again)
+                if seq < bad_seq:
+                    continue
+                try:
+                    entry = seg_entries.get((target, bad_seq), {})
+                    held = entry.get("holds", []) if isinstance(entry.get("holds"), list) else []
+                    chunk_size = entry.get("holds_chunk", integrity.CHUNK)
+                    if integrity.reads_layer(journal.view(target, seq), journal.segment(target, bad_seq), held,
+                                             chunk_size if isinstance(chunk_size, int) else integrity.CHUNK):
+                        markers.setdefault(str(seq), why if seq == bad_seq else f"marker {seq} reads damaged {why}")
+                except JournalCorruptError as e:
+                    markers.setdefault(str(seq), f"marker {seq}: {e}")
+        for target in sorted(targets):
+            base = journal.base(target)
+            meta = integrity.check_metadata(base)
+            if meta:
+                found(meta, seqs)
+                continue
+            try:
+                sums = integrity.load_sums(integrity.sums_path(base))
+            except integrity.SumsCorruptError as e:
+                found(str(e), seqs)
+                with integrity.RECORD_LOCK:
+                    integrity.condemn_sums(base)  # every chunk damaged: a repair sends them all again
+                continue
+            try:
+                bad = integrity.check_base_chunks(base, sums)
+            except JournalCorruptError as e:
+                found(str(e), seqs)
+                continue
+            checked += sums.disk_size
+            integrity.mark_damaged(integrity.sums_path(base), [idx for idx, _ in bad])
+            for _, why in bad:
+                findings.append(why)
+            if not bad:
+                continue
+            damaged = {idx: why for idx, why in bad}
+            for seq in seqs:
+                try:
+                    read = integrity.base_chunks_read(journal.view(target, seq), base, sums.chunk_size)
+                except JournalCorruptError as e:
+                    markers.setdefault(str(seq), str(e))
+                    continue
+                hit = sorted(read & set(damaged))
+                if hit:
+                    markers.setdefault(str(seq), f"marker {seq}: {damaged[hit[0]]}")
+        damaged_segments: dict[str, dict[str, str]] = {}
+        for (target, bad_seq), why in bad_segments.items():
+            damaged_segments.setdefault(target, {})[str(bad_seq)] = why
+        return {"checked_at": time.time(), "bytes": checked, "findings": findings, "markers": markers,
+                "segments": damaged_segments}
+
+    async def run_scrubs(self) -> None:
+        """The scheduled scrub (``[journal] scrub_interval``): a replica is verified
+        when its last check (or, never checked, the first time this agent saw it)
+        is that old. Runs until cancelled."""
+        interval = self.cfg.scrub_interval
+        while True:
+            await asyncio.sleep(min(max(interval / 4, 0.5), 60.0))
+            for prot in self.store.protections(ROLE):
+                uuid = prot["domain_uuid"]
+                if not int(prot["base_seq"]):
+                    continue
+                root = self.journal(uuid).root
+                report = integrity.load_report(root)
+                if report is None:
+                    report = {"checked_at": None, "findings": [], "markers": {}}
+                if not report.get("checked_at") and not report.get("since"):
+                    report["since"] = time.time()
+                    integrity.save_report(root, report)
+                last = report.get("checked_at") or report.get("since") or 0.0
+                if time.time() - float(last) < interval:
+                    continue
+                try:
+                    await self.verify(uuid)
+                except PluginError as e:
+                    log.warning("scheduled verify of %s: %s", prot["domain"], e)
+
+    def repair_ranges(self, uuid: str) -> dict[str, list[list[int]]]:
+        """Per disk, the guest ranges whose damaged chunks (of the base, or of a
+        damaged segment) the newest marker still reads: what the primary sends
+        again at its next cycle (it marks them dirty). Once a marker holds them,
+        they are no longer asked for; its fold re-hashes those chunks in the base."""
+        return self._repair_compute(uuid, *self._repair_inputs(uuid))
+
+    async def repair_ranges_async(self, uuid: str) -> dict[str, list[list[int]]]:
+        """:meth:`repair_ranges` with its file reads and ``qemu-img`` runs off the event loop."""
+        return await asyncio.to_thread(self._repair_compute, uuid, *self._repair_inputs(uuid))
+
+    def _repair_inputs(self, uuid: str) -> tuple[int, dict[str, int], dict[tuple[str, int], tuple[list[int], int]]]:
+        """What the store knows (read on the event loop): the newest marker, the disks' sizes, what segments hold."""
+        last = self.store.last_marker(uuid)
+        sizes = {p.target: p.size for p in self.store.pairs(ROLE, uuid) if p.state != PairState.DELETED}
+        return (last.seq if last else 0), sizes, self._segment_holds(uuid)
+
+    def _repair_compute(self, uuid: str, last: int, sizes: Mapping[str, int],
+                        holds: Mapping[tuple[str, int], tuple[list[int], int]]) -> dict[str, list[list[int]]]:
+        if not last:
+            return {}
+        journal = self.journal(uuid)
+        damaged = self._damaged_segments(uuid)
+        out = {}
+        for target, size in sorted(sizes.items()):
+            view = journal.view(target, last)
+            try:
+                ranges = integrity.repair_ranges(journal.base(target), view, size)
+                chunk_size = self._chunk_size(journal, target)
+                chunks = {r[0] // chunk_size + i for r in ranges for i in range(-(-r[1] // chunk_size))}
+                for (t, seq), _ in damaged.items():
+                    if t != target or seq > last:
+                        continue
+                    seg = journal.segment(target, seq)
+                    recorded, recorded_chunk = holds.get((target, seq), ([], 0))
+                    held = set(recorded) if recorded_chunk == chunk_size \
+                        else set(integrity.segment_chunks(seg, chunk_size))
+                    chunks |= held & integrity.layer_chunks_read(view, seg, chunk_size)
+            except JournalCorruptError as e:
+                log.warning("%s: cannot tell what to repair on %s: %s", uuid, target, e)
+                continue
+            if chunks:
+                out[target] = integrity.chunk_ranges(chunks, chunk_size, size)
+        return out
+
+    def replica_status(self) -> list[dict[str, Any]]:
+        """The replicas kept here, with their damage (for ``status``)."""
+        out = []
+        for prot in self.store.protections(ROLE):
+            uuid = prot["domain_uuid"]
+            last = self.store.last_marker(uuid)
+            report = integrity.load_report(self.journal(uuid).root) or {}
+            out.append({"domain": prot["domain"], "peer": prot["peer"], "applied": int(prot["applied"]),
+                        "last_marker": last.seq if last else 0, "journal_damage": self.damage.get(uuid),
+                        "checked_at": report.get("checked_at"), "findings": report.get("findings", []),
+                        "damaged_markers": sorted(int(s) for s in report.get("markers", {}))})
+        return out
 
     # -- the reflecting unit ------------------------------------------------------
 
@@ -474,6 +817,7 @@ class Secondary:
         rows = [r for r in self.store.marker_rows(uuid) if int(r["seq"]) > applied]
         now = time.time()
         journal = self.journal(uuid)
+        expected = applied + 1
         for row in rows:
             seq = int(row["seq"])
             if until is not None:
@@ -483,15 +827,31 @@ class Secondary:
                 if prot["held"] or not row["apply"] or row["cut_time"] > now - self.cfg.apply_delay:
                     break
             try:
-                segments = verify_record(row, applied + 1)
-                for target, entry in segments.items():
-                    await asyncio.to_thread(verify_segment, journal, seq, target, entry,
-                                            full_hash=seq != just_sealed)
+                segments = verify_record(row, expected)
             except JournalCorruptError as e:
+                self._halted.add(uuid)  # nothing after a damaged record can be trusted
                 self._report_damage(uuid, str(e))
                 break
+            expected = seq + 1
+            for target, entry in segments.items():
+                try:
+                    await asyncio.to_thread(verify_segment, journal, seq, target, entry,
+                                            full_hash=seq != just_sealed)
+                except JournalCorruptError as e:
+                    self.note_segment_damage(uuid, target, seq, str(e))
+            # A marker that reads a damaged segment is passed over; a later one
+            # that holds those chunks again (a repair) applies.
+            blocked = None
+            if self._damaged_segments(uuid):
+                blocked = await asyncio.to_thread(self._damage_read_by, uuid, seq, self._segment_holds(uuid))
+            if blocked:
+                self._report_damage(uuid, blocked)
+                continue
             self.store.set_protection(uuid, ROLE, applied=seq)
             applied = seq
+            if uuid in self.damage and uuid not in self._halted:
+                log.warning("%s: marker %d applied past the damage (repaired)", uuid, seq)
+                del self.damage[uuid]
             fault_point("apply-after-pointer")
         await self._retain(uuid)
 
@@ -517,7 +877,11 @@ class Secondary:
             old_enough = rows[base_seq]["cut_time"] < time.time() - self.cfg.retain_seconds
             if not squeeze and (newer_applied < self.cfg.retain_markers or not old_enough):
                 return
-            await self._fold_one(uuid, base_seq + 1)
+            try:
+                await self._fold_one(uuid, base_seq + 1)
+            except JournalCorruptError as e:
+                self.note_damage(uuid, f"marker {base_seq + 1} not folded: {e}")
+                return
             if squeeze and self.journal(uuid).segment_bytes() <= self.cfg.journal_max_bytes:
                 return
 
@@ -526,12 +890,40 @@ class Secondary:
 
         The folded segment's file then becomes a link to the base: the next
         segment's backing still resolves, and no sealed segment is rewritten
-        (re-pointing it would change it, and its hash would have to be redone)."""
+        (re-pointing it would change it, and its hash would have to be redone).
+        The base's chunk hashes follow: the segment is checked once more, the
+        base chunks it touches are checked, marked pending, and re-hashed after
+        the commit (only those: ``qemu-img map`` of the segment names them).
+
+        :raise JournalCorruptError: the segment or the base's record is damaged (nothing folded)
+        """
         journal = self.journal(uuid)
+        row = next(r for r in self.store.marker_rows(uuid) if int(r["seq"]) == seq)
+        segments = json.loads(row["segments"])
+        disks = json.loads(row["disks"])
+        todo = [t for t in disks if os.path.isfile(journal.segment(t, seq))
+                and not os.path.islink(journal.segment(t, seq))]
+        damaged = self._damaged_segments(uuid)
+        for target in todo:
+            if not resume and target in segments and (target, seq) not in damaged:
+                try:
+                    await asyncio.to_thread(verify_segment, journal, seq, target, segments[target], full_hash=True)
+                except JournalCorruptError as e:
+                    self.note_segment_damage(uuid, target, seq, str(e))
+                    damaged[(target, seq)] = str(e)
+            holds = None
+            if (target, seq) in damaged:
+                # Folded all the same (a later marker already replaced what the replica
+                # reads): the chunks it holds become damaged chunks of the base.
+                entry = segments.get(target, {})
+                holds = entry.get("holds", []) if entry.get("holds_chunk") == self._chunk_size(journal, target) \
+                    else []
+            for why in await asyncio.to_thread(integrity.prepare_fold, journal.base(target),
+                                               journal.segment(target, seq), holds):
+                self.note_damage(uuid, why)
         self.store.set_protection(uuid, ROLE, folding=seq)
         fault_point("fold-after-intent")
-        row = next(r for r in self.store.marker_rows(uuid) if int(r["seq"]) == seq)
-        for target in json.loads(row["disks"]):
+        for target in disks:
             seg = journal.segment(target, seq)
             if os.path.isfile(seg) and not os.path.islink(seg):
                 await run_tool("qemu-img", "commit", "-q", "-d", "-f", "qcow2", seg)
@@ -539,6 +931,13 @@ class Secondary:
                 fault_point("fold-after-commit")
                 journal.link_to_base(target, seq)
                 fault_point("fold-after-link")
+            if target in todo or resume:
+                try:
+                    await asyncio.to_thread(integrity.finish_fold, journal.base(target), seq)
+                except JournalCorruptError as e:  # the data is folded; its record is what is damaged
+                    self.note_damage(uuid, str(e))
+            if (target, seq) in damaged:
+                self._forget_segment_damage(uuid, target, seq)
             journal.drop_unused_links(target)
         fsync_path(journal.root)
         with self.store.transaction() as db:

@@ -290,9 +290,9 @@ def test_markers_table(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> No
     code, out, _ = run(capsys, "markers", "web1")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["SEQ", "CUT", "TIME", "LABEL", "BYTES", "APPLY", "APPLIED"]
-    assert lines[1].split() == ["16", "2024-05-01T12:00:00Z", "-", "1.0", "MiB", "yes", "yes"]
-    assert lines[2].split() == ["17", "2024-05-01T12:05:00Z", "before", "upgrade", "1.5", "KiB", "no", "no"]
+    assert lines[0].split() == ["SEQ", "CUT", "TIME", "LABEL", "BYTES", "APPLY", "APPLIED", "INTEGRITY"]
+    assert lines[1].split() == ["16", "2024-05-01T12:00:00Z", "-", "1.0", "MiB", "yes", "yes", "ok"]
+    assert lines[2].split() == ["17", "2024-05-01T12:05:00Z", "before", "upgrade", "1.5", "KiB", "no", "no", "ok"]
 
 
 def test_short_confirmations(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
@@ -453,3 +453,59 @@ def test_cli_and_ipc_import_only_the_stdlib_ipc_errors_and_domain(name: str) -> 
         top = module.split(".")[0]
         assert top in sys.stdlib_module_names or module in {"plugin", "plugin.ipc", "plugin.errors",
                                                            "plugin.domain"}, module
+
+
+VERIFIED_CLEAN = {"domain": "web1", "checked_at": 1714564800.0, "seconds": 1.5, "bytes": 1 << 30,
+                  "findings": [], "markers": {}}
+VERIFIED_DAMAGED = {"domain": "web1", "checked_at": 1714564800.0, "seconds": 0.2, "bytes": 16 << 20,
+                    "findings": ["vda.base.qcow2 chunk 3 (guest bytes 3145728..4194304): content does not match "
+                                 "its recorded hash"],
+                    "markers": {"17": "marker 17: vda.base.qcow2 chunk 3 (guest bytes 3145728..4194304): content "
+                                      "does not match its recorded hash"}}
+
+
+def test_verify_clean_exits_0(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
+    daemon.results["verify"] = VERIFIED_CLEAN
+    code, out, _ = run(capsys, "verify", "web1")
+    assert code == 0
+    assert out == "web1: verified 1.0 GiB in 1.5 s: no damage found\n"
+    assert daemon.requests[-1] == ("verify", {"domain": "web1"})
+
+
+def test_verify_names_damage_and_exits_1(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
+    daemon.results["verify"] = VERIFIED_DAMAGED
+    code, out, _ = run(capsys, "verify", "web1")
+    assert code == 1
+    lines = out.splitlines()
+    assert lines[0].startswith("web1: verified 16.0 MiB in ") and lines[0].endswith(": 1 finding(s)")
+    assert lines[1] == "  damaged: vda.base.qcow2 chunk 3 (guest bytes 3145728..4194304): content does not match " \
+                       "its recorded hash"
+    assert lines[2].startswith("  marker 17 will not restore: marker 17: vda.base.qcow2 chunk 3")
+    code, out, _ = run(capsys, "verify", "web1", "--json")
+    assert code == 1 and json.loads(out)["findings"] == VERIFIED_DAMAGED["findings"]
+
+
+def test_markers_show_damage(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
+    markers = json.loads(json.dumps(MARKERS))
+    markers["markers"][1]["damage"] = VERIFIED_DAMAGED["markers"]["17"]
+    markers["integrity"] = VERIFIED_DAMAGED
+    daemon.results["markers"] = markers
+    code, out, _ = run(capsys, "markers", "web1")
+    lines = out.splitlines()
+    assert lines[1].split()[-1] == "ok" and lines[2].split()[-1] == "DAMAGED"
+    assert lines[3].startswith("last verified: 2024-05-01T12:00:00Z, 1 finding(s)")
+    assert lines[4].startswith("  damaged: vda.base.qcow2 chunk 3")
+    assert lines[5].startswith("  marker 17 will not restore: ")
+
+
+def test_status_shows_damaged_replicas(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
+    status = dict(STATUS, replicas=[{"domain": "db2", "peer": "pri", "applied": 5, "last_marker": 6,
+                                     "journal_damage": None, "checked_at": None,
+                                     "findings": VERIFIED_DAMAGED["findings"], "damaged_markers": [5]}])
+    daemon.results["status"] = status
+    code, out, _ = run(capsys, "status")
+    lines = out.splitlines()
+    at = lines.index("replicas:")
+    assert lines[at + 1].split() == ["DOMAIN", "PEER", "APPLIED", "NEWEST", "VERIFIED", "INTEGRITY"]
+    assert lines[at + 2].split() == ["db2", "pri", "5", "6", "never", "DAMAGED"]
+    assert lines[at + 3] == "  db2: damaged: " + VERIFIED_DAMAGED["findings"][0]

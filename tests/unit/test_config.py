@@ -316,3 +316,14 @@ def test_tls_priority_auto_default_and_refusals(monkeypatch: pytest.MonkeyPatch)
     assert config.parse(base + 'tls_priority = "NORMAL:-VERS-TLS1.2"').tls_priority == "NORMAL:-VERS-TLS1.2"
     with pytest.raises(ConfigError, match="not a sound GnuTLS priority"):
         config.parse(base + 'tls_priority = "NORMAL:+NULL"')
+
+
+def test_scrub_interval() -> None:
+    assert config.parse(minimal(), FILE).scrub_interval == 7 * 24 * 3600   # weekly by default
+    assert config.parse(minimal(rest="[journal]\nscrub_interval = 0"), FILE).scrub_interval == 0   # off
+    assert config.parse(minimal(rest="[journal]\nscrub_interval = 3600"), FILE).scrub_interval == 3600.0
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", '"weekly"', "true"])
+def test_bad_scrub_interval(value: str) -> None:
+    assert "journal.scrub_interval" in refused(minimal(rest=f"[journal]\nscrub_interval = {value}"))

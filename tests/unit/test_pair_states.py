@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 
 from plugin.domain import BAD_STATES, PairEvent, PairState, Protection, next_state, severity
+from plugin.replication.secondary import Secondary
 from plugin.state import Store
+from tests.fakes.fake_qmp import FakeQmp
 
 S = PairState
 E = PairEvent
@@ -153,6 +155,7 @@ def agent_with(tmp_path: Path, store: Store) -> Any:
     agent = Agent(Config(name="pri", listen_host="127.0.0.1", listen_port=8441, state_dir=str(tmp_path / "state"),
                          keys_dir=str(tmp_path / "keys"), peers={}))
     agent.store = store
+    agent.secondary = Secondary(agent.cfg, store, FakeQmp())   # status also lists the replicas kept here: none
     return agent
 
 

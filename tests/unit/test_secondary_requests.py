@@ -11,11 +11,14 @@ are compared with what they were before: a refused request leaves no trace.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import functools
 import math
 import os
 import shutil
 import sqlite3
+import subprocess
 import tempfile
 import threading
 from collections.abc import Callable, Coroutine, Iterator
@@ -64,12 +67,13 @@ class Env:
         return {"return": {}}
 
     async def fake_qemu_img(self, *argv: str) -> None:
-        """What qemu-img would leave on disk: create writes a file; commit/rebase change nothing we check."""
+        """What qemu-img would leave on disk: create makes the (empty) image, whose chunk
+        hashes the secondary records; commit/rebase change nothing we check."""
         self.img.append(argv)
         if argv[:2] == ("qemu-img", "create"):
             path = argv[-2]
             assert os.path.isdir(os.path.dirname(path)), f"qemu-img create into a missing dir: {path}"
-            Path(path).write_bytes(b"QFI\xfb" + os.urandom(60))
+            subprocess.run(argv, check=True)
 
     def files(self) -> list[str]:
         return sorted(str(p.relative_to(self.storage)) for p in self.storage.rglob("*"))
@@ -370,10 +374,48 @@ def test_segments_are_hashed_off_the_event_loop(one_marker: Env, monkeypatch: py
             return real(*args, **kwargs)
         return call
 
-    monkeypatch.setattr(secondary_mod, "file_sha256", recording("hash", secondary_mod.file_sha256))
+    monkeypatch.setattr(secondary_mod.integrity, "file_chunk_digests",
+                        recording("hash", secondary_mod.integrity.file_chunk_digests))
     monkeypatch.setattr(secondary_mod, "verify_segment", recording("verify", secondary_mod.verify_segment))
     one_marker.open(2, "incremental")
     one_marker.commit(2)
     assert one_marker.rows()["markers"] == [(UUID, 1), (UUID, 2)]
     assert {name for name, _ in threads} == {"hash", "verify"}
     assert all(ident != threading.get_ident() for _, ident in threads), threads
+
+
+def test_scheduled_verify_runs_when_due_and_reports_damage(one_marker: Env) -> None:
+    """``[journal] scrub_interval``: the first sight of a replica starts the clock;
+    once that old, the scrub runs and its findings land in the report."""
+    from plugin.replication import integrity
+
+    sec = Secondary(dataclasses.replace(one_marker.cfg, scrub_interval=0.3), one_marker.store, one_marker.qmp)
+    root = one_marker.storage / UUID
+    with open(root / "vdb.base.sums", "r+b") as f:   # chunk 2's hash
+        f.seek(integrity.HEADER_SIZE + 2 * 37 + 20)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 1]))
+
+    async def until_checked() -> dict[str, Any]:
+        task = asyncio.create_task(sec.run_scrubs())
+        try:
+            for _ in range(200):
+                await asyncio.sleep(0.05)
+                report = integrity.load_report(str(root))
+                if report and report.get("checked_at"):
+                    return report
+            raise AssertionError("no scheduled verify ran")
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    report = one_marker.run(until_checked())
+    assert report["findings"] == ["vdb.base.qcow2 chunk 2 (guest bytes 2097152..3145728): its hash record entry "
+                                  "is damaged"]
+    assert report["markers"] == {"1": "marker 1: " + report["findings"][0]}
+    assert sec.info(UUID)["repair"] == {}   # worked out off the event loop, by info_async
+    info = one_marker.run(sec.info_async(UUID))
+    assert info["markers"][0]["damage"] == report["markers"]["1"]
+    assert info["repair"] == {"vdb": [[2 * MiB, MiB]]}
