@@ -15,7 +15,6 @@ issue 21 item 4), on one pair of lab hosts shared by the scenarios, in order:
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,8 +24,7 @@ import pytest
 
 from plugin import cli
 from tests.lab import stamps
-from tests.lab.fixtures import LabPair, require_lab
-from tests.lab.host import LabHost, link_hosts
+from tests.lab.fixtures import LabPair
 from tests.lab.site import (
     Site,
     WritingGuest,
@@ -34,6 +32,7 @@ from tests.lab.site import (
     cycles,
     dirtied_bytes,
     open_site,
+    set_next_boot,
     start_writing_guest,
     wait_for,
 )
@@ -47,26 +46,9 @@ FAULT = "supervisor-before-cycle"
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[LabPair]:
-    """One pair of lab hosts for the whole module (as lab_pair, module-scoped)."""
-    require_lab()
-    pri, sec = LabHost("pri"), LabHost("sec")
-    try:
-        link_hosts(pri, sec)
-        for host in (pri, sec):
-            host.launch()
-        for host in (pri, sec):
-            host.wait_ready()
-        yield LabPair(pri, sec)
-    finally:
-        pri.stop()
-        sec.stop()
-
-
-@pytest.fixture(scope="module")
-def site(lab: LabPair) -> Iterator[tuple[Site, WritingGuest]]:
-    guest = start_writing_guest(lab.pri, GUEST, DISKS, BLOCKS, size=SIZE)
-    with open_site(lab, start=False) as s:
+def site(module_lab_pair: LabPair) -> Iterator[tuple[Site, WritingGuest]]:
+    guest = start_writing_guest(module_lab_pair.pri, GUEST, DISKS, BLOCKS, size=SIZE)
+    with open_site(module_lab_pair, start=False) as s:
         s.domains.append(GUEST)
         yield s, guest
 
@@ -200,10 +182,7 @@ def test_stop_start_and_agent_start_while_shut_off(site: tuple[Site, WritingGues
     # Started again, the guest's writes continue the sequence; replication is held
     # meanwhile so that one increment carries all of it.
     s.pri.call("suspend", domain=GUEST)
-    xml = host.virsh("dumpxml", "--inactive", GUEST)
-    xml_path = Path(host.root) / f"{GUEST}-restart.xml"
-    xml_path.write_text(re.sub(r"vs\.start=\d+", f"vs.start={last_write + 1}", xml))
-    host.virsh("define", str(xml_path))
+    set_next_boot(host, GUEST, last_write + 1)
     host.virsh("start", GUEST)
     wait_for("the guest to write 300 blocks more", lambda: guest.last_seq() >= last_write + 300,
              timeout=180, poll=0.5)

@@ -18,7 +18,6 @@ source at a marker.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -26,18 +25,18 @@ from pathlib import Path
 
 import pytest
 
-from plugin import hook
 from tests.lab import stamps
-from tests.lab.fixtures import LabPair, require_lab
-from tests.lab.guest import read_log, wait_for_console
-from tests.lab.host import LabHost, link_hosts
+from tests.lab.fixtures import LabPair
+from tests.lab.guest import shutdown_seq, wait_for_console
 from tests.lab.site import (
     Site,
     WritingGuest,
+    check_marker,
     check_replica,
-    dirtied_bytes,
+    increments,
     open_site,
     replica_paths,
+    set_next_boot,
     start_writing_guest,
     wait_for,
 )
@@ -52,33 +51,12 @@ SPEED = 2 << 20                       # bytes/s per job: a ship at stop takes se
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[LabPair]:
-    """One pair of lab hosts for the whole module."""
-    require_lab()
-    pri, sec = LabHost("pri"), LabHost("sec")
-    try:
-        link_hosts(pri, sec)
-        for host in (pri, sec):
-            host.launch()
-        for host in (pri, sec):
-            host.wait_ready()
-        yield LabPair(pri, sec)
-    finally:
-        pri.stop()
-        sec.stop()
-
-
-@pytest.fixture(scope="module")
-def site(lab: LabPair) -> Iterator[tuple[Site, WritingGuest]]:
-    with open_site(lab, start=False, speed_limit=SPEED) as s:
-        # The primary's libvirtd runs the agent's hook (its prepare call lets a start win over a ship).
-        hook.install(str(lab.pri.root / "etc/libvirt/hooks/qemu.d"), socket_path=s.pri.socket,
-                     spool=hook.spool_path(str(s.pri.dir / "state")))
-        lab.pri.kill_libvirtd(signal.SIGTERM)   # libvirtd reads its hooks at start
-        lab.pri.restart_libvirtd()
+def site(module_lab_pair: LabPair) -> Iterator[tuple[Site, WritingGuest]]:
+    with open_site(module_lab_pair, start=False, speed_limit=SPEED) as s:
+        s.pri.install_hook()   # its prepare call lets a start win over a ship
         s.pri.start()
         s.sec.start()
-        guest = start_writing_guest(lab.pri, GUEST, DISKS, BLOCKS, size=SIZE, qga=True)
+        guest = start_writing_guest(module_lab_pair.pri, GUEST, DISKS, BLOCKS, size=SIZE, qga=True)
         s.domains.append(GUEST)
         # A long RPO: between a start and a stop, markers come only from the start and the stop.
         s.pri.call("protect", domain=GUEST, to="sec", rpo=3600, wait=True, timeout=120)
@@ -107,12 +85,7 @@ class Rounds:
         """Start the shut-off guest, its writes continuing the sequence after N (or ``after``)."""
         host = self.s.hosts.pri
         start = (self.n if after is None else after) + 1
-        xml = host.virsh("dumpxml", "--inactive", GUEST)
-        xml = re.sub(r"vs\.start=\d+", f"vs.start={start}", xml)
-        xml = re.sub(r"vs\.count=\d+", f"vs.count={count}", xml)
-        path = Path(host.root) / f"{GUEST}-boot.xml"
-        path.write_text(xml)
-        host.virsh("define", str(path))
+        set_next_boot(host, GUEST, start, count)
         host.virsh("start", GUEST)
         self.started = start
         wait_for_console(self.guest.serial, f"VS-READY .* start={start}", timeout=120)
@@ -147,9 +120,7 @@ class Rounds:
         """The write a marker holds: restored and checked against the oracle."""
         if seq in self.cuts:
             return self.cuts[seq]
-        dest = self.s.sec.dir / f"restore-{seq}"
-        disks = self.s.sec.call("restore", domain=GUEST, marker=seq, to=str(dest))["disks"]
-        result = stamps.check_images([disks[t] for t in sorted(disks)], self.oracle)
+        result = check_marker(self.s, GUEST, seq, self.oracle)
         assert result.ok, (seq, result.summary())
         self.cuts[seq] = result.cut_seq
         return result.cut_seq
@@ -159,26 +130,18 @@ class Rounds:
         and the previous one (a cluster written on both sides of a cut goes twice): no full copy."""
         new = [m for m in self.s.sec.call("markers", domain=GUEST)["markers"] if self.marker < m["seq"] <= upto]
         assert new, how
-        prev = self.n
-        sent = {"vda": 0, "vdb": 0}
-        dirtied = {"vda": 0, "vdb": 0}
-        for m in new:
-            cut = last_cut if m is new[-1] and last_cut is not None else self.cut_of(m["seq"])
-            expected = dirtied_bytes(self.oracle, prev, cut)
-            for disk, d in expected.items():
-                assert d <= m["bytes"][disk] <= 1.1 * d, (how, m["seq"], disk, m["bytes"][disk], d)
-                sent[disk] += m["bytes"][disk]
-                dirtied[disk] += d
-            prev = cut
-        print(f"{how}: writes {self.n + 1}..{prev}, markers {[m['seq'] for m in new]}: sent {sent}, "
+
+        def cut_of(seq: int) -> int:
+            return last_cut if seq == new[-1]["seq"] and last_cut is not None else self.cut_of(seq)
+
+        found = increments(new, self.oracle, self.n, cut_of)
+        for inc in found:
+            assert inc.close, (how, inc)
+        sent = {t: sum(inc.sent[t] for inc in found) for t in ("vda", "vdb")}
+        dirtied = {t: sum(inc.dirtied[t] for inc in found) for t in ("vda", "vdb")}
+        print(f"{how}: writes {self.n + 1}..{found[-1].cut}, markers {[inc.seq for inc in found]}: sent {sent}, "
               f"dirtied {dirtied}")
         self.sent.append((how, sent, dirtied))
-
-
-def shutdown_seq(serial: str) -> int:
-    m = re.search(rb"VS-SHUTDOWN seq=(\d+)", read_log(serial))
-    assert m, "no VS-SHUTDOWN on the console"
-    return int(m.group(1))
 
 
 def test_every_stop_ships_the_last_writes_and_starts_resume_incrementally(

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from plugin import cli, ipc
+from plugin import cli, hook, ipc
 
 from . import procs
 from .host import LabHost
@@ -101,6 +101,14 @@ class LabAgent:
     @property
     def storage(self) -> Path:
         return self._storage
+
+    def install_hook(self) -> None:
+        """libvirt's hook for this agent in its host (as ``virtsync hook install``); before
+        :meth:`start`. libvirtd reads its hooks at start: it is restarted (guests keep running)."""
+        hook.install(str(self.host.root / "etc/libvirt/hooks/qemu.d"), socket_path=self.socket,
+                     spool=hook.spool_path(str(self.dir / "state")))
+        self.host.kill_libvirtd(signal.SIGTERM)
+        self.host.restart_libvirtd()
 
     def start(self, timeout: float = 20.0, fault: str | None = None) -> None:
         """Start the agent; ``fault`` names a crash point (plugin/faults.py)."""

@@ -20,9 +20,11 @@ import libvirt
 import pytest
 
 from plugin.virt.connection import open_connection
-from tests.lab.host import LabHost, lab_prerequisites, link_hosts, reap_stale
+from tests.lab.host import LabHost, lab_prerequisites, reap_stale, running_hosts
 
-__all__ = ["LabPair", "lab_connect", "lab_factory", "lab_host", "lab_pair", "lab_runner", "require_lab"]
+__all__ = [
+    "LabPair", "lab_connect", "lab_factory", "lab_host", "lab_pair", "lab_runner", "module_lab_pair", "require_lab",
+]
 
 _reaped = False
 
@@ -45,14 +47,6 @@ def require_lab() -> None:
         _reaped = True
 
 
-def _start_all(hosts: list[LabHost]) -> None:
-    """Launch every daemon first, then wait: the hosts start in parallel."""
-    for host in hosts:
-        host.launch()
-    for host in hosts:
-        host.wait_ready()
-
-
 @pytest.fixture(scope="session")
 def lab_runner() -> Iterator[asyncio.Runner]:
     """The session's one asyncio loop, on which libvirt events are delivered."""
@@ -66,16 +60,9 @@ def lab_factory(request: pytest.FixtureRequest) -> Callable[..., list[LabHost]]:
     require_lab()
 
     def make(*names: str, listen_tcp: bool = False) -> list[LabHost]:
-        hosts: list[LabHost] = []
-        for name in names:
-            host = LabHost(name, listen_tcp=listen_tcp)
-            request.addfinalizer(host.stop)
-            hosts.append(host)
-        for i, a in enumerate(hosts):
-            for b in hosts[i + 1:]:
-                link_hosts(a, b)
-        _start_all(hosts)
-        return hosts
+        stack = contextlib.ExitStack()
+        request.addfinalizer(stack.close)
+        return stack.enter_context(running_hosts(*names, listen_tcp=listen_tcp))
 
     return make
 
@@ -91,6 +78,14 @@ def lab_pair(lab_factory: Callable[..., list[LabHost]]) -> LabPair:
     """Two started lab hosts, "pri" and "sec", joined by a veth pair."""
     pri, sec = lab_factory("pri", "sec")
     return LabPair(pri, sec)
+
+
+@pytest.fixture(scope="module")
+def module_lab_pair() -> Iterator[LabPair]:
+    """As ``lab_pair``, shared by the tests of a module (a scenario run in steps)."""
+    require_lab()
+    with running_hosts("pri", "sec") as (pri, sec):
+        yield LabPair(pri, sec)
 
 
 @pytest.fixture

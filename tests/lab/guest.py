@@ -361,5 +361,13 @@ def last_progress(log_path: str | os.PathLike[str]) -> int | None:
     return max(seqs) if seqs else None
 
 
+def shutdown_seq(log_path: str | os.PathLike[str]) -> int:
+    """The last write of a guest shut down through its agent (VS-SHUTDOWN on its console)."""
+    m = re.search(rb"VS-SHUTDOWN seq=(\d+)", read_log(log_path))
+    if not m:
+        raise RuntimeError(f"no VS-SHUTDOWN in {log_path}:\n{_tail(read_log(log_path))}")
+    return int(m.group(1))
+
+
 def _tail(data: bytes, lines: int = 30) -> str:
     return "\n".join(data.decode(errors="replace").splitlines()[-lines:])

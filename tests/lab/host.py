@@ -54,6 +54,7 @@ __all__ = [
     "link_hosts",
     "live_hosts",
     "reap_stale",
+    "running_hosts",
 ]
 
 _log = logging.getLogger(__name__)
@@ -604,6 +605,29 @@ def link_hosts(a: LabHost, b: LabHost, subnet: str | None = None) -> tuple[str, 
             ipr.link("set", index=index, state="up")
         host.add_link(LabLink(ifname, address, net.prefixlen, peer.name))
     return addr_a, addr_b
+
+
+@contextlib.contextmanager
+def running_hosts(*names: str, listen_tcp: bool = False) -> Iterator[list[LabHost]]:
+    """Hosts named ``names``, linked pairwise (full mesh), started in parallel.
+
+    Every host made is stopped on leaving, also after a failure or Ctrl-C.
+    """
+    hosts: list[LabHost] = []
+    try:
+        for name in names:
+            hosts.append(LabHost(name, listen_tcp=listen_tcp))
+        for i, a in enumerate(hosts):
+            for b in hosts[i + 1:]:
+                link_hosts(a, b)
+        for host in hosts:   # launch every daemon first, then wait
+            host.launch()
+        for host in hosts:
+            host.wait_ready()
+        yield hosts
+    finally:
+        for host in hosts:
+            host.stop()
 
 
 def live_hosts() -> Iterator[LabHost]:

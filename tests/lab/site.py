@@ -13,7 +13,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shutil
 import sqlite3
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,18 +33,22 @@ from tests.lab.qemu_vm import kvm_usable
 
 __all__ = [
     "CLUSTER",
+    "Increment",
     "Site",
     "WritingGuest",
     "agent_rows",
     "bios_domain_xml",
+    "check_marker",
     "check_replica",
     "cycles",
     "define_domain",
     "dirtied_bytes",
     "domain_leftovers",
+    "increments",
     "make_image",
     "open_site",
     "replica_paths",
+    "set_next_boot",
     "start_writing_guest",
 ]
 
@@ -172,6 +179,17 @@ def start_writing_guest(host: LabHost, name: str, n_disks: int, blocks: int, siz
     return WritingGuest(name, [d[0] for d in disks], serial)
 
 
+def set_next_boot(host: LabHost, name: str, start: int, count: int = 0) -> None:
+    """The writing guest's next boot writes from sequence number ``start`` on (``count``
+    writes, then it powers itself off; 0: forever): its persistent kernel command line."""
+    xml = host.virsh("dumpxml", "--inactive", name)
+    xml = re.sub(r"vs\.start=\d+", f"vs.start={start}", xml)
+    xml = re.sub(r"vs\.count=\d+", f"vs.count={count}", xml)
+    path = Path(host.root) / f"{name}-next-boot.xml"
+    path.write_text(xml)
+    host.virsh("define", str(path))
+
+
 def wait_for(what: str, check: Callable[[], Any], timeout: float, poll: float = 0.1) -> Any:
     """Poll ``check`` until it returns something true (returned); fail after ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -257,3 +275,42 @@ def dirtied_bytes(oracle: stamps.Oracle, after: int, upto: int) -> dict[str, int
         disk, block = oracle.target(seq)
         clusters[disk].add(block * stamps.BLOCK_SIZE // CLUSTER)
     return {f"vd{chr(97 + d)}": len(c) * CLUSTER for d, c in clusters.items()}
+
+
+def check_marker(site: Site, domain: str, seq: int, oracle: stamps.Oracle, at: int | None = None) -> stamps.CheckResult:
+    """Marker ``seq`` restored on the secondary and checked against the oracle: at write
+    ``at`` exactly, else at the cut the images hold. The restored copy is removed."""
+    dest = tempfile.mkdtemp(prefix=f"restore-{seq}-", dir=site.sec.dir)
+    try:
+        disks = site.sec.call("restore", domain=domain, marker=seq, to=f"{dest}/disks")["disks"]
+        paths = [disks[t] for t in sorted(disks)]
+        return stamps.check_images(paths, oracle) if at is None else stamps.check_images_at(paths, oracle, at)
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Increment:
+    """What one marker sent, against what the guest dirtied between its cut and the one before."""
+
+    seq: int
+    cut: int                  # the guest's last write the marker holds
+    sent: dict[str, int]      # bytes, by disk target
+    dirtied: dict[str, int]   # bytes of the clusters written since the previous cut, by target
+
+    @property
+    def close(self) -> bool:
+        """Sent what was dirtied, within 10 % (a cluster written on both sides of a cut goes twice)."""
+        return all(d <= self.sent.get(t, 0) <= 1.1 * d for t, d in self.dirtied.items())
+
+
+def increments(markers: Sequence[dict[str, Any]], oracle: stamps.Oracle, after: int,
+               cut_of: Callable[[int], int]) -> list[Increment]:
+    """Each marker's increment, oldest first: ``after`` is the write the marker before them
+    holds, ``cut_of(seq)`` the write a marker holds (e.g. :func:`check_marker`'s cut)."""
+    found = []
+    for m in markers:
+        cut = cut_of(m["seq"])
+        found.append(Increment(m["seq"], cut, dict(m["bytes"]), dirtied_bytes(oracle, after, cut)))
+        after = cut
+    return found

@@ -241,13 +241,8 @@ def test_keys_dir_writable_by_others_is_refused(tmp_path: Path, mode: int) -> No
 
 
 @needs_openssl
-def test_peer_dir_writable_by_others_is_refused(tmp_path: Path) -> None:
-    kd = KeysDir(str(tmp_path / "keys"), "pri", gid=False)
-    kd.ensure_identity()
-    kd.ensure_psk("sec")
-    other = KeysDir(str(tmp_path / "other"), "sec", gid=False)
-    other.ensure_identity()
-    kd.import_cert("sec", other.cert_path)
+def test_peer_dir_writable_by_others_is_refused(pri_keys: KeysDir) -> None:
+    kd = pri_keys
     kd.peer("sec")
     os.chmod(kd.peer_dir("sec"), 0o777)
     with pytest.raises(KeyFileError, match=f"{kd.peer_dir('sec')} is writable by others"):

@@ -40,14 +40,9 @@ def test_missing_identity_stops_the_agent(tmp_path: Path) -> None:
 
 
 @needs_openssl
-def test_links_from_keys(tmp_path: Path) -> None:
+def test_links_from_keys(tmp_path: Path, pri_keys: KeysDir) -> None:
     """sec has keys and becomes a TLS client; dr2 has none and is unusable with the reason."""
-    kd = KeysDir(str(tmp_path / "keys"), "pri", gid=False)
-    kd.ensure_identity()
-    kd.ensure_psk("sec")
-    other = KeysDir(str(tmp_path / "other"), "sec", gid=False)
-    other.ensure_identity()
-    kd.import_cert("sec", other.cert_path)
+    kd = pri_keys
     agent = Agent(cfg(tmp_path))
     server_ctx, identify = agent._setup_links()
     assert server_ctx is not None and server_ctx.verify_mode.name == "CERT_REQUIRED"
