@@ -157,6 +157,8 @@ class Command:
 
     name: ClassVar[str]
     help: ClassVar[str]
+    #: The IPC operation sent (a name in :mod:`plugin.ops`); None: the command runs locally.
+    op: ClassVar[str | None] = None
 
     def register(self, subparsers: argparse._SubParsersAction[_Parser]) -> argparse.ArgumentParser:
         parser = subparsers.add_parser(self.name, help=self.help, description=self.help)
@@ -164,6 +166,11 @@ class Command:
         self.add_arguments(parser)
         parser.set_defaults(command=self)
         return parser
+
+    def sent_op(self) -> str:
+        if self.op is None:
+            raise TypeError(f"{type(self).__name__} sends nothing to the daemon: it must override run()")
+        return self.op
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Subcommand arguments; none by default."""
@@ -176,7 +183,7 @@ class Command:
         wait = bool(getattr(args, "wait", False))
         progress = ProgressRenderer(sys.stderr) if wait else None
         try:
-            result = ipc.request(args.socket, self.name, self.request_args(args),
+            result = ipc.request(args.socket, self.sent_op(), self.request_args(args),
                                  timeout=WAIT_TIMEOUT if wait else REQUEST_TIMEOUT, on_progress=progress)
         finally:
             if progress is not None:

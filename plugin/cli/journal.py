@@ -7,7 +7,7 @@ import argparse
 import os
 from typing import Any
 
-from plugin import ipc
+from plugin import ipc, ops
 from plugin.cli.base import MAX_LABEL, WAIT_TIMEOUT, _DomainCommand, _label, _ReplicaCommand
 from plugin.cli.output import (
     _cell,
@@ -25,6 +25,7 @@ from plugin.cli.output import (
 
 class MarkCommand(_DomainCommand):
     name = "mark"
+    op = ops.MARK
     help = "cut a consistent marker across the domain's disks now"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -68,6 +69,7 @@ class MarkCommand(_DomainCommand):
 
 class MarkersCommand(_ReplicaCommand):
     name = "markers"
+    op = ops.MARKERS
     help = "a domain's committed markers (points in time on the secondary)"
 
     def render(self, result: object, args: argparse.Namespace) -> list[str]:
@@ -104,11 +106,12 @@ def _integrity_lines(report: object, markers: list[dict[str, Any]] | None = None
 
 class VerifyCommand(_DomainCommand):
     name = "verify"
+    op = ops.VERIFY
     help = ("on the secondary: check the replica's base, segments and hash records now (a scrub); "
             "exit 1 when damage is found")
 
     def run(self, args: argparse.Namespace) -> int:
-        result = ipc.request(args.socket, self.name, self.request_args(args), timeout=WAIT_TIMEOUT)
+        result = ipc.request(args.socket, self.sent_op(), self.request_args(args), timeout=WAIT_TIMEOUT)
         print_result(result, [] if args.json else self.render(result, args), args.json)
         return 1 if _field(result, "findings") else 0
 
@@ -149,6 +152,7 @@ def _journal_line(result: object, args: argparse.Namespace) -> list[str]:
 
 class ApplyCommand(_ReplicaCommand):
     name = "apply"
+    op = ops.APPLY
     help = "on the secondary: apply journaled markers to the replica (up to --until)"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -165,6 +169,7 @@ class ApplyCommand(_ReplicaCommand):
 
 class HoldCommand(ApplyCommand):
     name = "hold"
+    op = ops.HOLD
     help = "on the secondary: stop applying markers (the journal keeps growing)"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -176,11 +181,13 @@ class HoldCommand(ApplyCommand):
 
 class ReleaseCommand(HoldCommand):
     name = "release"
+    op = ops.RELEASE
     help = "on the secondary: apply markers again"
 
 
 class RestoreCommand(_ReplicaCommand):
     name = "restore"
+    op = ops.RESTORE
     help = "on the secondary: write each disk as of a retained marker to a directory"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:

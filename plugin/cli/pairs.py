@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from plugin import ops
 from plugin.cli.base import MAX_RPO, Command, _DomainCommand, _name, _rpo
 from plugin.cli.output import _cell, _dicts, _field, _number, human_bytes, human_duration, human_rate, one_line, table
 
@@ -34,6 +35,7 @@ def pair_lines(pairs: list[dict[str, Any]], indent: str = "") -> list[str]:
 
 class ProtectCommand(_DomainCommand):
     name = "protect"
+    op = ops.PROTECT
     help = "start replicating a domain's disks to a peer"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -58,6 +60,7 @@ class ProtectCommand(_DomainCommand):
 
 class UnprotectCommand(_DomainCommand):
     name = "unprotect"
+    op = ops.UNPROTECT
     help = "stop replicating a domain (the replica is deleted unless --keep-replica)"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -76,6 +79,7 @@ class UnprotectCommand(_DomainCommand):
 
 class PairsCommand(Command):
     name = "pairs"
+    op = ops.PAIRS
     help = "copy pairs with state, lag, bytes behind and last marker"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -94,11 +98,13 @@ class PairsCommand(Command):
 
 class SuspendCommand(_DomainCommand):
     name = "suspend"
+    op = ops.SUSPEND
     help = "pause replication of a domain (changes are still tracked)"
     done = "replication suspended"
 
 
 class ResumeCommand(_DomainCommand):
     name = "resume"
+    op = ops.RESUME
     help = "resume replication of a suspended domain"
     done = "replication resumed"

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from plugin import ops
 from plugin.cli.base import Command
 from plugin.cli.output import _cell, _dicts, _number, _time, human_duration, one_line, table
 
 
 class StatusCommand(Command):
     name = "status"
+    op = ops.STATUS
     help = "agent, peers and protected domains at a glance"
 
     def render(self, result: object, args: argparse.Namespace) -> list[str]:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from plugin import ops
 from plugin.cli.base import Command, _name
 from plugin.cli.output import _cell, _dicts, _field, _time, table
 
 
 class TrackerCommand(Command):
     name = "tracker"
+    op = ops.TRACKER
     help = "the disk-list changes the mapping tracker has seen, and what it did"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
