@@ -74,3 +74,8 @@ def test_the_agent_answers_every_named_op(op: str, tmp_path: Path) -> None:
 
 def test_the_probe_tells_an_unknown_op(tmp_path: Path) -> None:
     assert not asyncio.run(answers(agent_dispatch(tmp_path), "no-such-op"))
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "plugin" / "cli").glob("*.py")), ids=lambda p: p.name)
+def test_no_cli_module_is_over_400_lines(path: Path) -> None:
+    assert len(path.read_text().splitlines()) <= 400, f"{path.name}: split it by command group"
