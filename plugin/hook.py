@@ -1,4 +1,4 @@
-"""Install and remove the libvirt hook (``hooks/qemu``), and replay what it spooled.
+"""Install and remove the libvirt hook (``plugin/hooks/qemu``), and replay what it spooled.
 
 The hook forwards every libvirt qemu hook call to the agent as one IPC request::
 
@@ -28,6 +28,8 @@ import stat
 import sys
 import tomllib
 from collections.abc import Iterator
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +77,10 @@ class HookInstallError(PluginError):
 
 # ----------------------------------------------------------------------------- paths
 
-def template_path() -> Path:
-    """``hooks/qemu`` of this source tree: the template :func:`install` renders."""
-    return Path(__file__).resolve().parents[1] / "hooks" / "qemu"
+def template_path() -> Traversable:
+    """``plugin/hooks/qemu``, the template :func:`install` renders: package data (setup.cfg),
+    found through the package, so an installed wheel has it as much as the source tree."""
+    return resources.files("plugin") / "hooks" / "qemu"
 
 
 def spool_path(state_dir: str) -> str:

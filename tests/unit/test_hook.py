@@ -1,4 +1,4 @@
-"""The libvirt hook (``hooks/qemu``) run as libvirt runs it, and its install/spool helpers.
+"""The libvirt hook (``plugin/hooks/qemu``) run as libvirt runs it, and its install/spool helpers.
 
 The hook is a subprocess with a (large) XML on stdin, against a fake agent socket that
 answers, refuses, stays silent or says no; every case checks the bytes sent or spooled, the
@@ -29,7 +29,7 @@ from plugin.errors import ConfigError
 from tests.unit.test_ipc import ServerThread
 
 ROOT = Path(__file__).resolve().parents[2]
-TEMPLATE = ROOT / "hooks" / "qemu"
+TEMPLATE = ROOT / "plugin" / "hooks" / "qemu"
 OK_REPLY = b'{"v":1,"ok":true,"result":null}\n'
 KEYS = ["domain", "op", "sub_op", "extra", "time", "host_pid"]
 #: Not a speed check (bench/hook_runtime.py measures speed): a bound that proves the hook
