@@ -1,4 +1,4 @@
-"""Install and remove the libvirt hook (``plugin/hooks/qemu``), and replay what it spooled.
+"""Install and remove the libvirt hook (``hooks/qemu``), and replay what it spooled.
 
 The hook forwards every libvirt qemu hook call to the agent as one IPC request::
 
@@ -78,7 +78,8 @@ class HookInstallError(PluginError):
 # ----------------------------------------------------------------------------- paths
 
 def template_path() -> Traversable:
-    """``plugin/hooks/qemu``, the template :func:`install` renders: package data (setup.cfg),
+    """``hooks/qemu``, the template :func:`install` renders. The package carries it as
+    data through the link ``plugin/hooks/qemu`` (setup.cfg; the build copies the file),
     found through the package, so an installed wheel has it as much as the source tree."""
     return resources.files("plugin") / "hooks" / "qemu"
 

@@ -27,7 +27,7 @@ RELEASE: Final = "release"
 RESTORE: Final = "restore"
 VERIFY: Final = "verify"
 TRACKER: Final = "tracker"
-#: Sent by the libvirt hook (``plugin/hooks/qemu``), never by the CLI: the hook imports nothing of
+#: Sent by the libvirt hook (``hooks/qemu``), never by the CLI: the hook imports nothing of
 #: ours, so it spells the name itself (a test checks it is this one).
 HOOK: Final = "hook"
 

@@ -38,7 +38,7 @@ def test_every_op_the_cli_sends_is_a_named_op_and_every_op_is_sent_by_someone() 
 
 
 def test_the_libvirt_hook_sends_the_hook_op() -> None:
-    """plugin/hooks/qemu imports nothing of ours, so it spells the op: it must be ops.HOOK."""
+    """hooks/qemu imports nothing of ours, so it spells the op: it must be ops.HOOK."""
     sent = re.findall(rb'"op":"([a-z_-]+)"', (ROOT / "plugin" / "hooks" / "qemu").read_bytes())
     assert sent == [ops.HOOK.encode()]
 

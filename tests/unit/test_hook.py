@@ -1,4 +1,4 @@
-"""The libvirt hook (``plugin/hooks/qemu``) run as libvirt runs it, and its install/spool helpers.
+"""The libvirt hook (``hooks/qemu``) run as libvirt runs it, and its install/spool helpers.
 
 The hook is a subprocess with a (large) XML on stdin, against a fake agent socket that
 answers, refuses, stays silent or says no; every case checks the bytes sent or spooled, the

@@ -32,7 +32,8 @@ def build_installed_layout(tmp_path: Path) -> Path:
 
 def test_hook_install_works_from_an_installed_layout(tmp_path: Path) -> None:
     site = build_installed_layout(tmp_path)
-    assert (site / "plugin" / "hooks" / "qemu").is_file(), "the hook template is not package data"
+    installed_template = site / "plugin" / "hooks" / "qemu"
+    assert installed_template.is_file() and not installed_template.is_symlink(), "the hook template is not package data"
     config = tmp_path / "virtsync.toml"
     config.write_text(f'[agent]\nstate_dir = "{tmp_path / "state"}"\n')
     run_dir, hooks_dir = tmp_path / "elsewhere", tmp_path / "qemu.d"
@@ -47,10 +48,10 @@ def test_hook_install_works_from_an_installed_layout(tmp_path: Path) -> None:
                           cwd=run_dir, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     installed = (hooks_dir / hook.HOOK_NAME).read_text()
-    assert installed == hook.render((ROOT / "plugin" / "hooks" / "qemu").read_text(), interpreter=sys.executable,
+    assert installed == hook.render((ROOT / "hooks" / "qemu").read_text(), interpreter=sys.executable,
                                     socket_path=str(tmp_path / "agent.sock"),
                                     spool=str(tmp_path / "state" / "hook-spool.jsonl"))
 
 
 def test_the_template_is_found_through_the_package() -> None:
-    assert hook.template_path().read_text() == (ROOT / "plugin" / "hooks" / "qemu").read_text()
+    assert hook.template_path().read_text() == (ROOT / "hooks" / "qemu").read_text()

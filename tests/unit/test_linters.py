@@ -20,7 +20,7 @@ def run_tool(*argv: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.skipif(shutil.which("ruff") is None and not (Path(sys.executable).parent / "ruff").exists(),
                     reason="ruff is not installed (make setup installs it)")
 def test_ruff() -> None:
-    res = run_tool("ruff", "check", "qemu_blockdev", "plugin", "tests", "scripts", "bench", "plugin/hooks/qemu")
+    res = run_tool("ruff", "check", "qemu_blockdev", "plugin", "tests", "scripts", "bench", "hooks/qemu")
     assert res.returncode == 0, res.stdout + res.stderr
 
 

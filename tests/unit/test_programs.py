@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 #: The lab's PATH (tests/lab/host.py LAB_PATH): sbin included, as for root.
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PY_TREES = ("plugin", "qemu_blockdev", "tests", "bench", "scripts")
-PY_FILES = ("plugin/hooks/qemu",)
+PY_FILES = ("hooks/qemu",)
 #: Shell scripts run on the host (tests/lab/guest/init.sh runs inside the guest on busybox).
 SHELL_SCRIPTS = ("scripts/setup.sh", "scripts/build-guest.sh", "bench/setup.sh")
 #: Calls whose first positional argument (a string, or an argv list) names the program run.
