@@ -199,8 +199,7 @@ class ProtectionService:
             state = await self.parts.domain_state(p)
             if state is not None and not state[0]:
                 raise self.parts.not_running_error(p, state[1])
-        p.marks.append(req)
-        p.wake.set()
+        p.inbox.put(req)
         if not arg(args, "wait", bool, True):
             # Nobody waits: its outcome shows in pairs and markers, not as a stray error.
             req.done.add_done_callback(lambda f: f.cancelled() or f.exception())

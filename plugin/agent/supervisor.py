@@ -19,7 +19,7 @@ from ..replication import offline
 from ..replication.primary import CutRefusedError, CycleError, DomainReplicator
 from ..virt import domains
 from ..virt.qmp_bridge import LibvirtQmpTransport
-from .group import LIVE, MAX_BACKOFF, PRIMARY, Protected
+from .group import LIVE, MAX_BACKOFF, PRIMARY, Call, MarkRequest, Protected
 from .parts import Parts
 from .quiesce import Quiesce
 from .tracking import Tracking
@@ -72,7 +72,7 @@ class Supervision:
     async def _domain_stopped(self, p: Protected, reason: str) -> None:
         """The domain's QEMU is gone (``reason``: libvirt's word: shutdown, destroyed,
         saved, crashed, failed, ...). Called once per stop (and once at agent start while
-        the domain is off), no cycle in flight, p.lock held; an exception is retried with
+        the domain is off), run by the group's task (no cycle in flight); an exception is retried with
         backoff. States go through ``Store.transition``: STOPPED, or CRASHED for
         ``needs resync`` (which only COPY_STARTED, a re-copy, ends).
 
@@ -101,7 +101,7 @@ class Supervision:
 
     async def _domain_started(self, p: Protected) -> None:
         """The domain's QEMU runs (again, or for the first time since the agent
-        started): before any cycle, p.lock held. Attaches to this QEMU; a disk whose
+        started): before any cycle, run by the group's task. Attaches to this QEMU; a disk whose
         bitmap cannot be trusted (or whose pair needs a resync) loses its bitmaps, and
         its next cycle copies it in full."""
         self.parts.offline.starting(p.uuid, False)
@@ -167,10 +167,18 @@ class Supervision:
                 backoff = min(backoff * 2, MAX_BACKOFF)
 
     def _fail_marks(self, p: Protected, error: Exception) -> None:
-        while p.marks:
-            pending = p.marks.pop(0)
-            if not pending.done.done():
-                pending.done.set_exception(error)
+        p.inbox.fail_marks(error)
+
+    async def _run_call(self, p: Protected, call: Call) -> None:
+        """One call of the inbox, in its turn; its caller hears how it ended."""
+        try:
+            result = await call.run()
+        except Exception as e:  # noqa: BLE001 - the caller is told; the group goes on
+            if not call.done.done():
+                call.done.set_exception(e)
+        else:
+            if not call.done.done():
+                call.done.set_result(result)
 
     async def _follow_lifecycle(self, p: Protected) -> bool:
         """Bring the supervisor in line with the domain's QEMU; True when cycles can run."""
@@ -190,8 +198,7 @@ class Supervision:
             if not p.stop_handled:
                 log.getChild(p.name).info("domain not running (%s)", reason)
                 self._fail_marks(p, self.parts.not_running_error(p, reason))
-                async with p.lock:
-                    await self._domain_stopped(p, reason)
+                await self._domain_stopped(p, reason)
                 p.stop_handled = True
             elif any(pair.state in _LIVE for pair in store.pairs(PRIMARY, p.uuid)):
                 # Handled, but since then resumed, or failed on a lost libvirt: still stopped.
@@ -199,8 +206,7 @@ class Supervision:
             return False
         if not p.attached:
             why = "agent start" if p.running is None else "domain started" if p.running is False else "re-attached"
-            async with p.lock:
-                await self._domain_started(p)
+            await self._domain_started(p)
             p.attached = True
             p.running = True
             log.getChild(p.name).info("domain running: attached to its QEMU (%s)", why)
@@ -221,9 +227,15 @@ class Supervision:
             prot = store.protection(p.uuid, PRIMARY)
             if prot is None:
                 # nobody will cut them now
-                self._fail_marks(p, StateConflictError(f"{p.name} is no longer protected",
-                                                       state="unprotected", required="protected"))
+                p.inbox.close(StateConflictError(f"{p.name} is no longer protected",
+                                                 state="unprotected", required="protected"))
                 return
+            item = p.inbox.head()
+            if isinstance(item, Call):
+                # Work for the group runs in its turn, in any state of the domain.
+                p.inbox.take()
+                await self._run_call(p, item)
+                continue
             if prot["suspended"] and not p.marks:
                 p.wake.clear()
                 await p.wake.wait()
@@ -258,7 +270,8 @@ class Supervision:
                         await p.wake.wait()
                 continue
             faults.fault_raise("supervisor-before-cycle")
-            mark = p.marks.pop(0) if p.marks else None
+            mark = p.inbox.take() if isinstance(p.inbox.head(), MarkRequest) else None
+            assert mark is None or isinstance(mark, MarkRequest)
             quiesce = (Quiesce(p.qmp.domain, p.name, mark.crash_consistent_ok)
                        if mark is not None and mark.quiesce else None)
             # A cycle that outlasts the RPO makes the pairs late while it runs.
@@ -266,11 +279,10 @@ class Supervision:
             late = (asyncio.get_running_loop().call_later(until_late, self._check_lag, p, prot["rpo"])
                     if until_late != float("inf") else None)
             try:
-                async with p.lock:
-                    stats = await p.replicator.cycle(label=mark.label if mark else "",
-                                                     apply=mark.apply if mark else True,
-                                                     before_cut=quiesce.before_cut if quiesce else None,
-                                                     after_cut=quiesce.after_cut if quiesce else None)
+                stats = await p.replicator.cycle(label=mark.label if mark else "",
+                                                 apply=mark.apply if mark else True,
+                                                 before_cut=quiesce.before_cut if quiesce else None,
+                                                 after_cut=quiesce.after_cut if quiesce else None)
             except CutRefusedError as e:
                 # Nothing was cut and replication is fine: only this marker is refused.
                 cause = e.__cause__ if isinstance(e.__cause__, PluginError) else e

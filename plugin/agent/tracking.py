@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from dataclasses import replace
 from typing import Any
@@ -18,7 +19,7 @@ from ..requests import arg
 from ..tracker import ChangeKind, DiskEntry
 from ..virt import domains
 from ..virt.qmp_bridge import LibvirtQmpTransport
-from .group import PRIMARY
+from .group import PRIMARY, Call
 from .parts import Parts
 
 log = logging.getLogger("virtsync.daemon")
@@ -59,8 +60,28 @@ class Tracking:
                  for d in chosen}
         return entries, specs, exclude
 
+    def request(self, uuid: str, reason: str) -> None:
+        """Ask the group to look at its disks again: a call in its inbox, after what is
+        there (a cycle running or asked for); one waiting look is enough."""
+        p = self.parts.protected.get(uuid)
+        if p is None or p.inbox.pending("track"):
+            return
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())  # the outcome is logged
+        p.inbox.put(Call("track", functools.partial(self._track_logged, uuid, reason), done))
+
+    async def _track_logged(self, uuid: str, reason: str) -> list[dict[str, Any]]:
+        try:
+            return await self.track(uuid, reason)
+        except PluginError as e:
+            log.warning("tracker: %s: %s", uuid, e)
+        except Exception:  # noqa: BLE001 - one domain's failure must not stop tracking
+            log.exception("tracker: %s", uuid)
+        return []
+
     async def track(self, uuid: str, reason: str) -> list[dict[str, Any]]:
-        """Compare the domain's disk list with the last one and adjust its pairs."""
+        """Compare the domain's disk list with the last one and adjust its pairs.
+        Run by the group's task only (an inbox call, or its own start)."""
         p = self.parts.protected.get(uuid)
         store = self.parts.db()
         if p is None or self.parts.conn is None:
@@ -78,51 +99,51 @@ class Tracking:
         assert prot is not None
         client = self.parts.peers[prot["peer"]]
         done = []
-        async with p.lock:
-            fresh = [specs[c.target] for c in changes if c.kind in (ChangeKind.ADDED, ChangeKind.RETARGETED)]
-            if fresh:
-                await client.call("prepare", {
-                    "uuid": uuid, "domain": p.name, "primary": self.parts.cfg.name,
-                    "disks": [{"target": d.target, "size": d.size} for d in fresh],
-                    "protection": {"segment": prot["segment"], "rpo": prot["rpo"], "mode": prot["mode"]}})
-            for change in changes:
-                if change.kind is ChangeKind.ADDED:
-                    spec = specs[change.target]
-                    store.upsert_pair(uuid, PRIMARY, p.name, spec.target, prot["peer"], spec.size,
-                                      PairState.INITIAL_COPY)
-                    action = "new pair: full copy of this disk, in the group's cuts from the next marker"
-                elif change.kind is ChangeKind.REMOVED:
-                    await client.call("retire", {"uuid": uuid, "target": change.target})
-                    store.set_pair_state(uuid, PRIMARY, PairState.DELETED, f"retired: {change.detail}",
-                                         target=change.target)
-                    gone = [d for d in p.replicator.disks if d.target == change.target]
-                    with contextlib.suppress(Exception):
-                        await p.replicator.drop_bitmaps(gone)  # the disk may still be attached (excluded)
-                    action = "pair retired; its journal data stays per retention"
-                elif change.kind is ChangeKind.RETARGETED:
-                    spec = specs[change.target]
-                    await p.replicator.drop_bitmaps([spec])  # never trust bits from another source
-                    store.upsert_pair(uuid, PRIMARY, p.name, spec.target, prot["peer"], spec.size,
-                                      PairState.INITIAL_COPY)
-                    action = "pair re-created: full copy of the new source at the next marker"
-                else:
-                    spec = specs[change.target]
-                    store.upsert_pair(uuid, PRIMARY, p.name, spec.target, prot["peer"], spec.size,
-                                      PairState.ACTIVE)
-                    action = "replica grows with the next marker"
-                store.log_change(uuid, p.name, reason, change.kind.value, change.target, change.detail, action)
-                log.getChild(p.name).info("tracker (%s): %s %s: %s -> %s", reason, change.kind.value,
-                                          change.target, change.detail, action)
-                done.append({"kind": change.kind.value, "target": change.target, "detail": change.detail,
-                             "action": action})
-            p.replicator.disks = [specs[t] for t in sorted(specs)]
-            store.save_disk_list(uuid, {"disks": [e.to_json() for e in entries], "exclude": sorted(exclude)}, reason)
+        fresh = [specs[c.target] for c in changes if c.kind in (ChangeKind.ADDED, ChangeKind.RETARGETED)]
+        if fresh:
+            await client.call("prepare", {
+                "uuid": uuid, "domain": p.name, "primary": self.parts.cfg.name,
+                "disks": [{"target": d.target, "size": d.size} for d in fresh],
+                "protection": {"segment": prot["segment"], "rpo": prot["rpo"], "mode": prot["mode"]}})
+        for change in changes:
+            if change.kind is ChangeKind.ADDED:
+                spec = specs[change.target]
+                store.upsert_pair(uuid, PRIMARY, p.name, spec.target, prot["peer"], spec.size,
+                                  PairState.INITIAL_COPY)
+                action = "new pair: full copy of this disk, in the group's cuts from the next marker"
+            elif change.kind is ChangeKind.REMOVED:
+                await client.call("retire", {"uuid": uuid, "target": change.target})
+                store.set_pair_state(uuid, PRIMARY, PairState.DELETED, f"retired: {change.detail}",
+                                     target=change.target)
+                gone = [d for d in p.replicator.disks if d.target == change.target]
+                with contextlib.suppress(Exception):
+                    await p.replicator.drop_bitmaps(gone)  # the disk may still be attached (excluded)
+                action = "pair retired; its journal data stays per retention"
+            elif change.kind is ChangeKind.RETARGETED:
+                spec = specs[change.target]
+                await p.replicator.drop_bitmaps([spec])  # never trust bits from another source
+                store.upsert_pair(uuid, PRIMARY, p.name, spec.target, prot["peer"], spec.size,
+                                  PairState.INITIAL_COPY)
+                action = "pair re-created: full copy of the new source at the next marker"
+            else:
+                spec = specs[change.target]
+                store.upsert_pair(uuid, PRIMARY, p.name, spec.target, prot["peer"], spec.size,
+                                  PairState.ACTIVE)
+                action = "replica grows with the next marker"
+            store.log_change(uuid, p.name, reason, change.kind.value, change.target, change.detail, action)
+            log.getChild(p.name).info("tracker (%s): %s %s: %s -> %s", reason, change.kind.value,
+                                      change.target, change.detail, action)
+            done.append({"kind": change.kind.value, "target": change.target, "detail": change.detail,
+                         "action": action})
+        p.replicator.disks = [specs[t] for t in sorted(specs)]
+        store.save_disk_list(uuid, {"disks": [e.to_json() for e in entries], "exclude": sorted(exclude)}, reason)
         p.wake.set()  # let the changed disk set take part in a cut soon
         return done
 
     async def _tracker_loop(self) -> None:
         """Events and hook calls queue (uuid, reason); a timer re-reads all
-        protected domains as a safety net against missed events."""
+        protected domains as a safety net against missed events. Each look runs
+        in its group's inbox, never beside a cycle."""
         while True:
             try:
                 async with asyncio.timeout(self.parts.cfg.tracker_interval):
@@ -138,12 +159,7 @@ class Tracking:
                 with contextlib.suppress(OSError):
                     self.replay_spool()
             for uuid, reason in batch.items():
-                try:
-                    await self.track(uuid, reason)
-                except PluginError as e:
-                    log.warning("tracker: %s: %s", uuid, e)
-                except Exception:  # noqa: BLE001 - one domain's failure must not stop tracking
-                    log.exception("tracker: %s", uuid)
+                self.request(uuid, reason)
 
     async def op_hook(self, args: dict[str, Any]) -> Any:
         """A libvirt hook call (live or replayed from the spool): recorded;
