@@ -104,7 +104,7 @@ class Agent:
         await self.protection.start()
         os.makedirs(os.path.dirname(cfg.socket) or ".", mode=0o755, exist_ok=True)
         self._runners.append(await ipc.serve(cfg.socket, self.handle, mode=0o660, group=self._socket_group()))
-        self.tracking.replay_spool()
+        await self.tracking.replay_spool()
         log.info("virtsyncd %s ready: peers API on %s:%s, NBD for %s", cfg.name, cfg.listen_host,
                  cfg.listen_port, parts.nbd.describe())
 

@@ -11,7 +11,7 @@ import logging
 from dataclasses import replace
 from typing import Any
 
-from .. import hook, tracker
+from .. import faults, hook, tracker
 from ..domain import DiskSpec, PairState
 from ..errors import PluginError
 from ..replication.primary import resolve_nodes
@@ -29,6 +29,7 @@ class Tracking:
     def __init__(self, parts: Parts) -> None:
         self.parts = parts
         self._task: asyncio.Task[None] | None = None
+        self._replaying = asyncio.Lock()
 
     def operations(self) -> dict[str, Any]:
         return {"tracker": self.op_tracker, "hook": self.op_hook}
@@ -157,7 +158,7 @@ class Tracking:
                 batch = {u: "timer" for u in self.parts.protected}
                 # The hook also spools when the agent was merely slow to answer.
                 with contextlib.suppress(OSError):
-                    self.replay_spool()
+                    await self.replay_spool()
             for uuid, reason in batch.items():
                 self.request(uuid, reason)
 
@@ -180,18 +181,26 @@ class Tracking:
                 self.parts.events.put_nowait((p.uuid, f"hook {event}"))
         return None
 
-    def replay_spool(self) -> None:
-        """Hook calls made while the agent was down, in their order."""
-        path = hook.spool_path(self.parts.cfg.state_dir)
-        entries = hook.read_spool(path)
-        for entry in entries:
-            try:
-                asyncio.get_running_loop().create_task(self.op_hook({**entry, "replayed": True}))
-            except PluginError as e:
-                log.warning("hook spool: skipped %s: %s", entry, e)
-        if entries:
-            log.info("replayed %d hook call(s) spooled while the agent was down", len(entries))
-        hook.clear_spool(path)
+    async def replay_spool(self) -> None:
+        """Hook calls made while the agent was down, in their order, one after the other
+        (a protected domain's look at its disks goes into its group's inbox). Each leaves
+        the spool only after it ran: an agent killed mid-replay replays the rest at its
+        next start (and perhaps the one it was on again: replaying is idempotent).
+
+        :raise OSError: the spool cannot be read or written
+        """
+        async with self._replaying:   # the start and the tracker's timer: one replay at a time
+            path = hook.spool_path(self.parts.cfg.state_dir)
+            entries = hook.read_spool(path)
+            for done, entry in enumerate(entries, 1):
+                try:
+                    await self.op_hook({**entry, "replayed": True})
+                except PluginError as e:
+                    log.warning("hook spool: skipped %s: %s", entry, e)
+                faults.fault_point("hook-replay-entry")
+                hook.keep_unreplayed(path, entries[done:])
+            if entries:
+                log.info("replayed %d hook call(s) spooled while the agent was down", len(entries))
 
     async def op_tracker(self, args: dict[str, Any]) -> Any:
         return {"changes": self.parts.db().tracker_log(arg(args, "domain", str, None))}
