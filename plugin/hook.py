@@ -44,6 +44,7 @@ __all__ = [
     "clear_spool",
     "install",
     "is_ours",
+    "keep_unreplayed",
     "read_spool",
     "render",
     "spool_path",
@@ -347,4 +348,22 @@ def clear_spool(path: str) -> None:
         os.unlink(replay)
     except FileNotFoundError:
         return
+    _fsync_dir(os.path.dirname(os.path.abspath(replay)))
+
+
+def keep_unreplayed(path: str, remaining: list[dict[str, Any]]) -> None:
+    """After one entry of a replay ran: the replay file holds only ``remaining`` (the
+    entries not yet replayed, in order), replaced atomically; none left: it is dropped.
+    New spool lines are not touched (they wait in the spool itself)."""
+    if not remaining:
+        clear_spool(path)
+        return
+    replay = path + REPLAY_SUFFIX
+    tmp = replay + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(b"".join(json.dumps(e, sort_keys=True).encode() + b"\n" for e in remaining))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, replay)
     _fsync_dir(os.path.dirname(os.path.abspath(replay)))

@@ -87,6 +87,34 @@ class UnknownOperationError(BadRequestError):
     """The daemon has no operation of that name; handlers raise it for unknown ``op``."""
 
 
+Operation = Callable[[dict[str, Any]], Awaitable[Any]]
+"""One operation's handler: its arguments in, its result (or an async iterator) out."""
+
+
+class Router:
+    """The one table of the agent's operations: each service registers its own, and a
+    request goes to the service that registered its ``op``. Usable as a :data:`Handler`."""
+
+    def __init__(self) -> None:
+        self._ops: dict[str, Operation] = {}
+
+    def register(self, ops: dict[str, Operation]) -> None:
+        """:raise ValueError: an operation registered twice (a wiring mistake)"""
+        for name, handler in ops.items():
+            if name in self._ops:
+                raise ValueError(f"operation {name!r} registered twice")
+            self._ops[name] = handler
+
+    def names(self) -> list[str]:
+        return sorted(self._ops)
+
+    async def __call__(self, op: str, args: dict[str, Any]) -> Any:
+        handler = self._ops.get(op)
+        if handler is None:
+            raise UnknownOperationError(f"unknown operation {op!r}")
+        return await handler(args)
+
+
 class RemoteError(PluginError):
     """An error reply whose type this side does not know (an ``InternalError``, or a newer daemon).
 

@@ -46,13 +46,13 @@ def test_links_from_keys(tmp_path: Path, pri_keys: KeysDir) -> None:
     agent = Agent(cfg(tmp_path))
     server_ctx, identify = agent._setup_links()
     assert server_ctx is not None and server_ctx.verify_mode.name == "CERT_REQUIRED"
-    assert agent.peers["sec"].ssl_context is not None and agent.peers["sec"].base.startswith("https://")
-    assert "no certificate pinned for peer dr2" in agent.peers["dr2"].unusable
-    assert agent._link_tls("sec").dir == kd.peer_dir("sec") and agent._link_tls("sec").username == "pri"
+    assert agent.parts.peers["sec"].ssl_context is not None and agent.parts.peers["sec"].base.startswith("https://")
+    assert "no certificate pinned for peer dr2" in agent.parts.peers["dr2"].unusable
+    assert agent.parts.link_tls("sec").dir == kd.peer_dir("sec") and agent.parts.link_tls("sec").username == "pri"
     with pytest.raises(KeyFileError, match="dr2"):
-        agent._link_tls("dr2")
+        agent.parts.link_tls("dr2")
     # One NBD server per usable peer, knowing that peer's key only; none for dr2, with the reason.
-    agent.nbd.configure(agent._server_psks, agent._unserved)
+    agent.nbd.configure(agent.parts._server_psks, agent.parts._unserved)
     assert sorted(agent.nbd.daemons) == ["sec"]
     psk_dir = Path(agent.nbd.daemons["sec"].tls_dir or "")
     assert (psk_dir / "keys.psk").read_text() == f"sec:{kd.peer_psk('sec')}\n"
@@ -67,10 +67,10 @@ def test_plain_only_by_explicit_setting(tmp_path: Path) -> None:
     agent = Agent(cfg(tmp_path, peers=plain))
     server_ctx, _ = agent._setup_links()
     assert server_ctx is None
-    agent.nbd.configure(agent._server_psks, agent._unserved)
+    agent.nbd.configure(agent.parts._server_psks, agent.parts._unserved)
     assert [d.tls_dir for d in agent.nbd.daemons.values()] == [None]
-    assert agent.peers["sec"].ssl_context is None and agent.peers["sec"].base.startswith("http://")
-    assert agent._link_tls("sec") is None
+    assert agent.parts.peers["sec"].ssl_context is None and agent.parts.peers["sec"].base.startswith("http://")
+    assert agent.parts.link_tls("sec") is None
 
 
 def test_socket_group(tmp_path: Path) -> None:

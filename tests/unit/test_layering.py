@@ -55,3 +55,62 @@ def test_public_names_are_exported_sorted_and_real() -> None:
     assert names == sorted(names)
     for name in names:
         assert hasattr(qemu_blockdev, name), name
+
+
+# -- the agent: a composition root and its services (docs/DESIGN.md §7) --------------
+
+AGENT = ROOT / "plugin" / "agent"
+# Which module of plugin/agent/ may import which other: what docs/DESIGN.md §7 names.
+AGENT_USES = {
+    "group": set(),
+    "quiesce": set(),
+    "parts": {"group"},
+    "tracking": {"parts", "group"},
+    "supervisor": {"parts", "group", "tracking", "quiesce"},
+    "protection": {"parts", "group", "supervisor", "tracking"},
+    "journal": {"parts", "group"},
+    "status": {"parts", "group", "protection"},
+}
+SERVICES = {"protection", "journal", "tracking", "status"}
+
+
+def resolved_imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, relative imports resolved (``from . import x`` gives
+    ``pkg.x`` too: x may be a module)."""
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
+                module = f"{base}.{node.module}" if node.module else base
+            else:
+                module = node.module or ""
+            names.add(module)
+            names.update(f"{module}.{a.name}" for a in node.names)
+    return names
+
+
+def test_the_agent_modules_are_the_ones_the_design_names() -> None:
+    assert {p.stem for p in AGENT.glob("*.py")} - {"__init__"} == set(AGENT_USES)
+
+
+@pytest.mark.parametrize("name", sorted(AGENT_USES))
+def test_services_import_each_other_only_as_the_design_says(name: str) -> None:
+    used = {m.split(".")[2] for m in resolved_imports(AGENT / f"{name}.py") if m.startswith("plugin.agent.")}
+    assert used - {name} <= AGENT_USES[name], f"plugin/agent/{name}.py imports {used - AGENT_USES[name] - {name}}"
+    assert "plugin.daemon" not in resolved_imports(AGENT / f"{name}.py"), "a service knows the composition root"
+
+
+def test_only_the_composition_root_knows_the_services() -> None:
+    for path in python_files("plugin"):
+        if AGENT in path.parents or path == ROOT / "plugin" / "daemon.py":
+            continue
+        assert not {m for m in resolved_imports(path) if m.startswith("plugin.agent")}, path
+    root = {m.split(".")[2] for m in resolved_imports(ROOT / "plugin" / "daemon.py") if m.startswith("plugin.agent.")}
+    assert SERVICES <= root, f"plugin/daemon.py does not build {SERVICES - root}"
+    for name in AGENT_USES:
+        others = {m.split(".")[2] for m in resolved_imports(AGENT / f"{name}.py") if m.startswith("plugin.agent.")}
+        assert not SERVICES <= others, f"plugin/agent/{name}.py knows every service"

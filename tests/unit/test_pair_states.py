@@ -170,7 +170,7 @@ def test_status_lists_the_worst_first_with_its_reason(tmp_path: Path, store: Sto
     protect(store, "00000000-0000-0000-0000-00000000000b", "web", S.STOPPED, "domain not running (shutdown)")
     protect(store, "00000000-0000-0000-0000-00000000000c", "db", S.ERROR, "internal error: boom")
     protect(store, "00000000-0000-0000-0000-00000000000d", "mail", S.DISCONNECTED, "dr1 unreachable since 12:00")
-    status = asyncio.run(agent_with(tmp_path, store).op_status({}))
+    status = asyncio.run(agent_with(tmp_path, store).status.op_status({}))
     assert [(d["domain"], d["state"], d["reason"]) for d in status["domains"]] == [
         ("db", "error", "internal error: boom"),
         ("mail", "disconnected", "dr1 unreachable since 12:00"),
@@ -186,7 +186,7 @@ def test_pairs_say_behind_once_the_newest_marker_is_older_than_the_rpo(tmp_path:
     agent = agent_with(tmp_path, store)
     assert [p["state"] for p in agent._pairs_json()] == ["active"]
     later = time.time() + 61
-    monkeypatch.setattr("plugin.daemon.time.time", lambda: later)
+    monkeypatch.setattr("plugin.agent.protection.time.time", lambda: later)
     (pair,) = agent._pairs_json()
     assert pair["state"] == "behind" and "over the RPO of 60s" in pair["reason"], pair
     # A stopped domain is not late: it writes nothing.
