@@ -8,7 +8,7 @@ import contextlib
 import logging
 from typing import Any
 
-from .. import paths
+from .. import ops, paths
 from ..errors import PluginError, StateConflictError
 from ..requests import arg
 from .group import PRIMARY
@@ -23,8 +23,8 @@ class Journal:
         self._tasks: list[asyncio.Task[None]] = []
 
     def operations(self) -> dict[str, Any]:
-        return {"markers": self.op_markers, "apply": self.op_apply, "hold": self.op_hold,
-                "release": self.op_release, "restore": self.op_restore, "verify": self.op_verify}
+        return {ops.MARKERS: self.op_markers, ops.APPLY: self.op_apply, ops.HOLD: self.op_hold,
+                ops.RELEASE: self.op_release, ops.RESTORE: self.op_restore, ops.VERIFY: self.op_verify}
 
     def start(self) -> None:
         if self.parts.cfg.apply_delay > 0:

@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from .. import tracker
+from .. import ops, tracker
 from ..domain import DiskSpec, PairEvent, PairState, Protection, label_problem, next_state
 from ..errors import PluginError, StateConflictError
 from ..requests import UsageError, arg
@@ -33,8 +33,8 @@ class ProtectionService:
         self._protecting: dict[str, str] = {}
 
     def operations(self) -> dict[str, Any]:
-        return {"protect": self.op_protect, "unprotect": self.op_unprotect, "pairs": self.op_pairs,
-                "suspend": self.op_suspend, "resume": self.op_resume, "mark": self.op_mark}
+        return {ops.PROTECT: self.op_protect, ops.UNPROTECT: self.op_unprotect, ops.PAIRS: self.op_pairs,
+                ops.SUSPEND: self.op_suspend, ops.RESUME: self.op_resume, ops.MARK: self.op_mark}
 
     async def start(self) -> None:
         """Resume the supervision of every domain protected here."""

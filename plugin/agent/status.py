@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import ops
 from ..domain import PairState, severity
 from ..errors import PluginError
 from .group import PRIMARY
@@ -17,7 +18,7 @@ class Status:
         self.protection = protection
 
     def operations(self) -> dict[str, Any]:
-        return {"status": self.op_status}
+        return {ops.STATUS: self.op_status}
 
     async def op_status(self, args: dict[str, Any]) -> Any:
         peers = []

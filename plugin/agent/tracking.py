@@ -11,7 +11,7 @@ import logging
 from dataclasses import replace
 from typing import Any
 
-from .. import faults, hook, tracker
+from .. import faults, hook, ops, tracker
 from ..domain import DiskSpec, PairState
 from ..errors import PluginError
 from ..replication.primary import resolve_nodes
@@ -32,7 +32,7 @@ class Tracking:
         self._replaying = asyncio.Lock()
 
     def operations(self) -> dict[str, Any]:
-        return {"tracker": self.op_tracker, "hook": self.op_hook}
+        return {ops.TRACKER: self.op_tracker, ops.HOOK: self.op_hook}
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._tracker_loop(), name="vs-tracker")
