@@ -40,6 +40,7 @@ Every error is a :class:`ConfigError` naming the file and the key.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import math
 import os
 import stat
@@ -50,11 +51,16 @@ from typing import Any
 from .domain import PeerSpec
 from .errors import ConfigError
 
+# Default paths, in one place: the Config below, the CLI and the hook install use these.
 DEFAULT_PATH = "/etc/virtsync/virtsync.toml"
+DEFAULT_SOCKET = "/run/virtsync/agent.sock"
+DEFAULT_STATE_DIR = "/var/lib/virtsync"
 DEFAULT_KEYS_DIR = "/etc/virtsync/keys"
 WILDCARDS = {"0.0.0.0", "::", "[::]", "", "*"}
 MAX_SIZE = 1 << 20  # a config file larger than this is refused, never read in part
 MAX_MESSAGE = 400
+
+log = logging.getLogger("virtsync.config")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,9 +68,9 @@ class Config:
     name: str
     listen_host: str
     listen_port: int
-    socket: str = "/run/virtsync/agent.sock"
+    socket: str = DEFAULT_SOCKET
     socket_group: str | None = None  # None: "libvirt" when that group exists
-    state_dir: str = "/var/lib/virtsync"
+    state_dir: str = DEFAULT_STATE_DIR
     keys_dir: str = DEFAULT_KEYS_DIR
     libvirt_uri: str = "qemu:///system"
     replication_address: str = "127.0.0.1"
@@ -274,7 +280,7 @@ def _parse_doc(doc: dict[str, Any], path: str) -> Config:
     socket_group = _get(agent, "socket_group", str, "agent", "") or None if "socket_group" in agent else None
     if "socket_group" in agent and not (socket_group and socket_group.isprintable() and len(socket_group) <= 64):
         raise ConfigError(f"{path}: agent.socket_group must be a group name, not {agent.get('socket_group')!r:.80}")
-    state_dir = _get(agent, "state_dir", str, "agent", "/var/lib/virtsync")
+    state_dir = _get(agent, "state_dir", str, "agent", DEFAULT_STATE_DIR)
     on_full = _get(journal, "on_full", str, "journal", "refuse")
     if on_full not in ("refuse", "apply"):
         raise ConfigError(f"{path}: journal.on_full must be \"refuse\" or \"apply\", not {on_full!r:.40}")
@@ -293,7 +299,7 @@ def _parse_doc(doc: dict[str, Any], path: str) -> Config:
         name=name,
         listen_host=host,
         listen_port=port,
-        socket=_get(agent, "socket", str, "agent", "/run/virtsync/agent.sock"),
+        socket=_get(agent, "socket", str, "agent", DEFAULT_SOCKET),
         socket_group=socket_group,
         state_dir=state_dir,
         keys_dir=_get(agent, "keys_dir", str, "agent", DEFAULT_KEYS_DIR),
@@ -345,14 +351,27 @@ def _tls_priority(value: str, path: str) -> str | None:
     return value
 
 
-def load(path: str = DEFAULT_PATH) -> Config:
-    """Read and parse the config file.
+def config_path(given: str | None) -> tuple[str, bool]:
+    """The config file a command reads: ``--config``, else ``$VIRTSYNC_CONFIG``, else
+    :data:`DEFAULT_PATH`; and whether it was named (explicit) rather than the default."""
+    named = given or os.environ.get("VIRTSYNC_CONFIG")
+    return (named, True) if named else (DEFAULT_PATH, False)
 
-    :raise ConfigError: the file is missing or unreadable, or :func:`parse` refuses it
+
+def _read_text(path: str, missing_ok: bool = False) -> str | None:
+    """The file's text, read with the checks :func:`load` promises; None if it is missing
+    and ``missing_ok``.
+
+    :raise ConfigError: missing (unless ``missing_ok``), unreadable, not a regular file,
+        too large or not UTF-8
     """
     try:
         # O_NONBLOCK: opening a FIFO for reading would wait for a writer; it is refused below.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise ConfigError(_one_line(f"cannot read config {path!r}: No such file or directory")) from None
     except (OSError, ValueError) as e:
         raise ConfigError(_one_line(f"cannot read config {path!r}: {getattr(e, 'strerror', None) or e}")) from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -366,7 +385,57 @@ def load(path: str = DEFAULT_PATH) -> Config:
     if len(data) > MAX_SIZE:
         raise ConfigError(_one_line(f"{path}: too large (more than {MAX_SIZE} bytes): not a config file"))
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(_one_line(f"{path}: not UTF-8 text (byte {e.start})")) from None
+
+
+def agent_path(path: str, key: str, *, explicit: bool, tolerant: bool) -> str | None:
+    """The path ``[agent] KEY`` of the config file, None where the file does not give it.
+
+    The one loader of the commands that run without the agent (the CLI finding the socket,
+    ``hook install`` finding the state directory): only the TOML and this key are checked,
+    not the whole config, whose other keys are the daemon's business.
+
+    A missing file is None unless ``explicit`` (named by ``--config`` or
+    ``$VIRTSYNC_CONFIG``). ``tolerant``: an unreadable or broken file is None too (the CLI:
+    a user in the virtsync group usually cannot read /etc/virtsync, and the default socket
+    is then right); otherwise it is an error (``hook install`` must not bake a wrong spool
+    path into the hook).
+
+    :raise ConfigError: one line naming the file, and the key when its value is no path
+    """
+    try:
+        text = _read_text(path, missing_ok=True)
+        doc = tomllib.loads(text) if text is not None else None
+    except ConfigError as e:
+        if not tolerant:
+            raise
+        log.debug("ignoring config %s: %s", path, e)
+        return None
+    except (tomllib.TOMLDecodeError, RecursionError) as e:   # RecursionError: nested too deeply
+        if not tolerant:
+            raise ConfigError(_one_line(f"{path}: not valid TOML: {e}")) from None
+        log.debug("ignoring config %s: %s", path, e)
+        return None
+    if doc is None:   # missing
+        if explicit:
+            raise ConfigError(_one_line(f"config file {path} not found"))
+        return None
+    agent = doc.get("agent")
+    value = agent.get(key) if isinstance(agent, dict) else None
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise ConfigError(_one_line(f"[agent] {key} in {path} must be a non-empty path"))
+    return value
+
+
+def load(path: str = DEFAULT_PATH) -> Config:
+    """Read and parse the config file.
+
+    :raise ConfigError: the file is missing or unreadable, or :func:`parse` refuses it
+    """
+    text = _read_text(path)
+    assert text is not None  # missing_ok is off
     return parse(text, path)

@@ -26,14 +26,13 @@ import os
 import re
 import stat
 import sys
-import tomllib
 from collections.abc import Iterator
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
-from plugin.errors import ConfigError, PluginError
+from plugin.errors import PluginError
 
 __all__ = [
     "DEFAULT_DIR",
@@ -48,7 +47,6 @@ __all__ = [
     "read_spool",
     "render",
     "spool_path",
-    "state_dir_from_config",
     "template_path",
     "uninstall",
 ]
@@ -57,7 +55,6 @@ __all__ = [
 DEFAULT_DIR = "/etc/libvirt/hooks/qemu.d"
 HOOK_NAME = "virtsync"
 SPOOL_NAME = "hook-spool.jsonl"
-DEFAULT_STATE_DIR = "/var/lib/virtsync"
 #: The comment that makes a hook file ours: only such a file is replaced or removed.
 MARKER = "# virtsync-hook:"
 #: Linux reads at most this many bytes of a ``#!`` line (BINPRM_BUF_SIZE since 5.1).
@@ -87,29 +84,6 @@ def template_path() -> Traversable:
 
 def spool_path(state_dir: str) -> str:
     return os.path.join(state_dir, SPOOL_NAME)
-
-
-def state_dir_from_config(path: str, explicit: bool) -> str:
-    """``[agent] state_dir`` of the config file, else the default.
-
-    Tolerant like the CLI's socket lookup: a missing implicit config means the defaults.
-
-    :raise ConfigError: an explicit config is missing, or the file is unreadable or broken
-    """
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        if explicit:
-            raise ConfigError(f"config file {path} not found") from None
-        return DEFAULT_STATE_DIR
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read config {path}: {getattr(e, 'strerror', None) or e}") from None
-    agent = data.get("agent")
-    value = agent.get("state_dir", DEFAULT_STATE_DIR) if isinstance(agent, dict) else DEFAULT_STATE_DIR
-    if not isinstance(value, str) or not value or "\0" in value:
-        raise ConfigError(f"[agent] state_dir in {path} must be a non-empty path")
-    return value
 
 
 # ----------------------------------------------------------------------------- install

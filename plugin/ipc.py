@@ -26,14 +26,14 @@ import grp
 import inspect
 import json
 import logging
-import math
 import os
 import socket
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, ClassVar
 
-from plugin import errors, jsonin
+from plugin import errcodec, jsonin
+from plugin.errcodec import RemoteError
 from plugin.errors import ConfigError, DaemonUnavailableError, PluginError
 
 __all__ = [
@@ -115,32 +115,6 @@ class Router:
         return await handler(args)
 
 
-class RemoteError(PluginError):
-    """An error reply whose type this side does not know (an ``InternalError``, or a newer daemon).
-
-    The remote type name and exit code are kept so the CLI prints and exits as the daemon meant.
-
-    :param type_name: the ``type`` of the error reply
-    :param message: the human message
-    :param exit_code: the exit code the daemon chose
-    """
-
-    def __init__(self, type_name: str, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.type_name = type_name
-        # exit_code is a class attribute elsewhere; here it is per instance, by design.
-        vars(self)["exit_code"] = exit_code
-
-
-# Error types a reply may name that we re-raise as themselves.
-_KNOWN_ERRORS: dict[str, type[PluginError]] = {
-    cls.__name__: cls
-    for cls in [*(getattr(errors, name) for name in errors.__all__),
-                IpcError, BadRequestError, UnknownOperationError]
-    if isinstance(cls, type) and issubclass(cls, PluginError)
-}
-
-
 # ----------------------------------------------------------------------------- encoding
 
 def _default(obj: object) -> object:
@@ -159,34 +133,12 @@ def _encode(message: dict[str, Any]) -> bytes:
     return json.dumps(message, default=_default, allow_nan=False, separators=(",", ":")).encode() + b"\n"
 
 
-def _json_safe(value: object) -> object:
-    """Shallow conversion of an exception attribute for the ``details`` of an error reply."""
-    if isinstance(value, enum.Enum):
-        value = value.value
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_json_safe(v) for v in value]
-    return str(value)
-
-
 def _error_reply(exc: PluginError, type_name: str | None = None) -> dict[str, Any]:
-    details = {k: _json_safe(v) for k, v in vars(exc).items() if not k.startswith("_") and k not in ("exit_code", "type_name")}
-    error: dict[str, Any] = {
-        "type": type_name or getattr(exc, "type_name", None) or type(exc).__name__,
-        "message": str(exc),
-        "exit_code": exc.exit_code,
-    }
-    if details:
-        error["details"] = details
-    return {"v": PROTOCOL_VERSION, "ok": False, "error": error}
+    return {"v": PROTOCOL_VERSION, "ok": False, "error": errcodec.encode(exc, type_name)}
 
 
 def _internal_reply(exc: BaseException) -> dict[str, Any]:
-    return {"v": PROTOCOL_VERSION, "ok": False,
-            "error": {"type": "InternalError", "message": f"internal error: {exc!r}", "exit_code": 1}}
+    return {"v": PROTOCOL_VERSION, "ok": False, "error": errcodec.encode_internal(exc)}
 
 
 # ----------------------------------------------------------------------------- server
@@ -465,28 +417,10 @@ async def serve(path: str, handler: Handler, *, mode: int = 0o660,
 # ----------------------------------------------------------------------------- client
 
 def _rebuild_error(error: object) -> PluginError:
-    """Turn the ``error`` object of a reply back into an exception."""
+    """Turn the ``error`` object of a reply back into an exception (:mod:`plugin.errcodec`)."""
     if not isinstance(error, dict):
         return IpcError("malformed reply from the daemon: 'error' is not an object")
-    type_name = str(error.get("type") or "RemoteError")
-    message = str(error.get("message", ""))
-    exit_code = error.get("exit_code")
-    if type(exit_code) is not int or not 0 <= exit_code <= 255:
-        exit_code = 1
-    cls = _KNOWN_ERRORS.get(type_name)
-    if cls is None:
-        return RemoteError(type_name, message, exit_code)
-    # Bypass __init__: subclasses take extra arguments (StateConflictError), which come in details.
-    exc = cls.__new__(cls)
-    Exception.__init__(exc, message)
-    details = error.get("details")
-    if isinstance(details, dict):
-        for key, value in details.items():
-            if isinstance(key, str) and key.isidentifier() and not key.startswith("_") and key not in ("args", "exit_code"):
-                setattr(exc, key, value)
-    if exit_code != cls.exit_code:
-        vars(exc)["exit_code"] = exit_code  # the daemon's word wins (version skew)
-    return exc
+    return errcodec.decode(error)
 
 
 def _parse_reply(line: bytes) -> dict[str, Any]:

@@ -24,12 +24,12 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 from aiohttp import web
 
-from . import jsonin
+from . import errcodec, jsonin
 from .domain import PeerSpec
 from .errors import PluginError
 from .keys import fingerprint_der
@@ -50,7 +50,19 @@ class PeerUnreachableError(PeerError):
 
 
 class PeerAuthError(PeerError):
-    """The TLS handshake failed: a certificate that is not the pinned one, on either side."""
+    """The TLS handshake failed: a certificate that is not the pinned one, on either side
+    (or, on a plain link, the request came from an address of no known peer)."""
+
+
+class PeerBadRequestError(PeerError):
+    """The peer could not read the request: not a JSON object, too large, or a wrong field."""
+
+    exit_code: ClassVar[int] = 2
+
+
+def _refusal(exc: PluginError, status: int) -> web.Response:
+    """An error reply of the peer API: the error object of :mod:`plugin.errcodec`."""
+    return web.json_response({"error": errcodec.encode(exc)}, status=status)
 
 
 Handler = Callable[[dict[str, Any], str], Awaitable[Any]]
@@ -114,27 +126,24 @@ def make_app(handlers: Mapping[str, Handler], identify: Identify) -> web.Applica
             caller = identify(request)
             if caller is None:
                 log.warning("peer API: refused %s from %s: not a known peer", op, request.remote)
-                return web.json_response({"error": {"type": "Forbidden", "message": "not a known peer"}},
-                                         status=403)
+                return _refusal(PeerAuthError("not a known peer"), 403)
             try:
                 body = jsonin.loads(await request.read())   # at most MAX_BODY bytes, MAX_DEPTH levels
             except (jsonin.JsonInputError, web.HTTPRequestEntityTooLarge) as e:
                 message = f"bad body: {e}" if isinstance(e, jsonin.JsonInputError) else \
                     f"bad body: larger than {MAX_BODY} bytes"
-                return web.json_response({"error": {"type": "BadRequest", "message": message}}, status=400)
+                return _refusal(PeerBadRequestError(message), 400)
             if not isinstance(body, dict):
-                return web.json_response({"error": {"type": "BadRequest", "message": "body must be an object"}},
-                                         status=400)
+                return _refusal(PeerBadRequestError("body must be an object"), 400)
             try:
                 result = await handler(body, caller)
             except PluginError as e:
-                return web.json_response({"error": {"type": type(e).__name__, "message": str(e)}}, status=409)
+                return _refusal(e, 409)
             except (KeyError, TypeError, ValueError) as e:
-                return web.json_response({"error": {"type": "BadRequest", "message": f"bad request: {e!r:.200}"}},
-                                         status=400)
+                return _refusal(PeerBadRequestError(f"bad request: {e!r:.200}"), 400)
             except Exception as e:  # noqa: BLE001 - reported to the peer, logged here
                 log.exception("peer op %s failed", op)
-                return web.json_response({"error": {"type": "InternalError", "message": repr(e)[:300]}}, status=500)
+                return web.json_response({"error": errcodec.encode_internal(e)}, status=500)
             return web.json_response({"result": result})
 
         return serve
@@ -214,8 +223,11 @@ class PeerClient:
         if not isinstance(data, dict):
             raise PeerError(f"peer {self.spec.name}: malformed reply")
         if "error" in data:
-            err = data["error"] if isinstance(data["error"], dict) else {}
-            raise PeerError(f"peer {self.spec.name} refused {op}: {err.get('message', '?')}")
+            # The peer's refusal as its own type (a StateConflictError stays one, with .state and
+            # .required), so a caller can tell one refusal from another.
+            if not isinstance(data["error"], dict):
+                raise PeerError(f"peer {self.spec.name} refused {op}: malformed error")
+            raise errcodec.decode(data["error"], prefix=f"peer {self.spec.name} refused {op}: ")
         return data.get("result")
 
     async def close(self) -> None:

@@ -9,16 +9,15 @@ import logging
 import os
 import re
 import sys
-import tomllib
 from collections.abc import Callable
 from typing import Any, ClassVar, NoReturn
 
+from plugin import config as config_mod
 from plugin import ipc
 from plugin.cli.output import ProgressRenderer, _field, _shown, one_line, print_result
-from plugin.errors import ConfigError
 
-DEFAULT_CONFIG = "/etc/virtsync/virtsync.toml"
-DEFAULT_SOCKET = "/run/virtsync/agent.sock"
+DEFAULT_CONFIG = config_mod.DEFAULT_PATH
+DEFAULT_SOCKET = config_mod.DEFAULT_SOCKET
 #: Per-line timeout of a request (ipc.call bounds each wait for a reply line, progress included).
 REQUEST_TIMEOUT = 30.0
 #: The same with --wait: the daemon bounds its own waits (cycle timeout), so this is only a backstop
@@ -113,31 +112,6 @@ def _add_global_options(parser: argparse.ArgumentParser, *, in_subcommand: bool)
                         help="debug logging and tracebacks on errors")
 
 
-def _socket_from_config(path: str, explicit: bool) -> str | None:
-    """``[agent] socket`` of the config file; the CLI needs nothing else from it.
-
-    An unreadable or broken file is ignored (the daemon reports it): a user in the virtsync
-    group usually cannot read /etc/virtsync, and the default socket is then right.
-    """
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        if explicit:
-            raise ConfigError(f"config file {path} not found") from None
-        return None
-    except (OSError, ValueError) as e:   # TOMLDecodeError and UnicodeDecodeError are ValueErrors
-        log.debug("ignoring config %s: %s", path, e)
-        return None
-    agent = data.get("agent")
-    value = agent.get("socket") if isinstance(agent, dict) else None
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value or "\0" in value:
-        raise ConfigError(f"[agent] socket in {path} must be a non-empty path")
-    return value
-
-
 def resolve_socket(args: argparse.Namespace) -> str:
     """--socket, then $VIRTSYNC_SOCKET, then ``[agent] socket`` in the config, then the default."""
     if args.socket:
@@ -145,9 +119,17 @@ def resolve_socket(args: argparse.Namespace) -> str:
     env = os.environ.get("VIRTSYNC_SOCKET")
     if env:
         return env
-    config = args.config or os.environ.get("VIRTSYNC_CONFIG") or DEFAULT_CONFIG
-    explicit = bool(args.config or os.environ.get("VIRTSYNC_CONFIG"))
-    return _socket_from_config(config, explicit) or DEFAULT_SOCKET
+    path, explicit = config_path(args.config)
+    # An unreadable or broken file is ignored (the daemon reports it): a user in the virtsync
+    # group usually cannot read /etc/virtsync, and the default socket is then right.
+    return config_mod.agent_path(path, "socket", explicit=explicit, tolerant=True) or DEFAULT_SOCKET
+
+
+def config_path(given: str | None) -> tuple[str, bool]:
+    """``--config``, else $VIRTSYNC_CONFIG, else the default; and whether it was named.
+    (:data:`DEFAULT_CONFIG` is read here, at call time, so a test can point it elsewhere.)"""
+    path, explicit = config_mod.config_path(given)
+    return (path, True) if explicit else (DEFAULT_CONFIG, False)
 
 
 # ----------------------------------------------------------------------------- commands

@@ -37,9 +37,12 @@ class HookCommand(Command):
             result: dict[str, Any] = {"action": "uninstall", "path": path, "removed": removed}
             text = [f"removed {path}" if removed else f"no hook at {path}"]
         else:
-            config = args.config or os.environ.get("VIRTSYNC_CONFIG") or base.DEFAULT_CONFIG
-            explicit = bool(args.config or os.environ.get("VIRTSYNC_CONFIG"))
-            spool = hook.spool_path(hook.state_dir_from_config(config, explicit))
+            from plugin import config as config_mod
+
+            path, explicit = base.config_path(args.config)
+            # Not tolerant: a broken config must not bake a wrong spool path into the hook.
+            state_dir = config_mod.agent_path(path, "state_dir", explicit=explicit, tolerant=False)
+            spool = hook.spool_path(state_dir or config_mod.DEFAULT_STATE_DIR)
             socket_path = os.path.abspath(args.socket)
             target = hook.install(args.dir, socket_path=socket_path, spool=spool)
             result = {"action": "install", "path": str(target), "socket": socket_path, "spool": spool,

@@ -45,7 +45,7 @@ class KeysCommand(Command):
         from plugin import config as config_mod
         from plugin import keys
 
-        path = args.config or os.environ.get("VIRTSYNC_CONFIG") or base.DEFAULT_CONFIG
+        path, _ = base.config_path(args.config)
         cfg = config_mod.load(path)
         kd = keys.KeysDir(cfg.keys_dir, cfg.name)
         result: dict[str, Any] = {"keys_dir": cfg.keys_dir, "name": cfg.name}

@@ -40,7 +40,7 @@ OTHER_UUID = "5e0c3a1f-9b2d-4c6e-8f7a-1d2c3b4a5f6e"
 PEER_SCRIPT = textwrap.dedent("""
     import asyncio, json, sys
     sys.path.insert(0, sys.argv[1])
-    from plugin import config, keys, peer
+    from plugin import config, errors, keys, peer
 
     async def main(config_path, name, op, body):
         cfg = config.load(config_path)
@@ -49,7 +49,7 @@ PEER_SCRIPT = textwrap.dedent("""
         client = peer.PeerClient(cfg.peers[name], ctx, timeout=30)
         try:
             print(json.dumps({"result": await client.call(op, json.loads(body))}))
-        except peer.PeerError as e:
+        except errors.PluginError as e:
             print(json.dumps({"error": str(e)}))
         finally:
             await client.close()

@@ -47,7 +47,7 @@ PEER_SCRIPT = textwrap.dedent("""
     import asyncio, json, ssl, sys, tempfile
     sys.path.insert(0, sys.argv[1])
     import aiohttp
-    from plugin import config, keys, peer
+    from plugin import config, errors, keys, peer
 
     async def main(mode, arg, body):
         cfg = config.load(sys.argv[2])
@@ -58,7 +58,7 @@ PEER_SCRIPT = textwrap.dedent("""
             client = peer.PeerClient(spec, ctx, timeout=20)
             try:
                 print(json.dumps({"result": await client.call(arg, json.loads(body))}))
-            except peer.PeerError as e:
+            except errors.PluginError as e:
                 print(json.dumps({"error": str(e)}))
             finally:
                 await client.close()

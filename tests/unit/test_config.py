@@ -327,3 +327,70 @@ def test_scrub_interval() -> None:
 @pytest.mark.parametrize("value", ["-1", "nan", "inf", '"weekly"', "true"])
 def test_bad_scrub_interval(value: str) -> None:
     assert "journal.scrub_interval" in refused(minimal(rest=f"[journal]\nscrub_interval = {value}"))
+
+
+# ----------------------------------------------------------------------------- agent_path: the CLI's and hook's loader
+
+def test_agent_path_reads_one_agent_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    # The other keys are the daemon's business: a config load() refuses still gives its socket.
+    cfg.write_text('[agent]\nsocket = "/run/x.sock"\nport = 1\n')
+    for tolerant in (True, False):
+        assert config.agent_path(str(cfg), "socket", explicit=True, tolerant=tolerant) == "/run/x.sock"
+        assert config.agent_path(str(cfg), "state_dir", explicit=True, tolerant=tolerant) is None
+
+
+@pytest.mark.parametrize("tolerant", [True, False])
+def test_agent_path_missing_file(tmp_path: Path, tolerant: bool) -> None:
+    absent = str(tmp_path / "none.toml")
+    assert config.agent_path(absent, "state_dir", explicit=False, tolerant=tolerant) is None
+    with pytest.raises(ConfigError, match=f"^config file {absent} not found$"):
+        config.agent_path(absent, "state_dir", explicit=True, tolerant=tolerant)
+
+
+@pytest.mark.parametrize("content", [b"not toml [", b"[agent\nsocket = ", b"\xff\xfe", b"x" * (config.MAX_SIZE + 2)])
+def test_agent_path_broken_file_ignored_only_when_tolerant(tmp_path: Path, content: bytes) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_bytes(content)
+    for explicit in (True, False):
+        assert config.agent_path(str(cfg), "socket", explicit=explicit, tolerant=True) is None   # the CLI
+        with pytest.raises(ConfigError, match=str(cfg)) as info:                                # the hook install
+            config.agent_path(str(cfg), "state_dir", explicit=explicit, tolerant=False)
+        assert "\n" not in str(info.value)
+
+
+def test_agent_path_unreadable_file(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        # root reads a 0000 file: a directory is unreadable as a config for everyone.
+        cfg = tmp_path / "dir.toml"
+        cfg.mkdir()
+    else:
+        cfg = tmp_path / "c.toml"
+        cfg.write_text('[agent]\nsocket = "/run/x.sock"\n')
+        cfg.chmod(0)
+    assert config.agent_path(str(cfg), "socket", explicit=True, tolerant=True) is None
+    with pytest.raises(ConfigError, match="cannot read config"):
+        config.agent_path(str(cfg), "state_dir", explicit=True, tolerant=False)
+
+
+@pytest.mark.parametrize("value", ["5", '""', '"a\\u0000b"', "[1]"])
+def test_agent_path_bad_value_is_refused_either_way(tmp_path: Path, value: str) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"[agent]\nstate_dir = {value}\n")
+    for tolerant in (True, False):
+        with pytest.raises(ConfigError, match=f"^\\[agent\\] state_dir in {cfg} must be a non-empty path$"):
+            config.agent_path(str(cfg), "state_dir", explicit=False, tolerant=tolerant)
+
+
+def test_config_path_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VIRTSYNC_CONFIG", raising=False)
+    assert config.config_path(None) == (config.DEFAULT_PATH, False)
+    monkeypatch.setenv("VIRTSYNC_CONFIG", "/from/env.toml")
+    assert config.config_path(None) == ("/from/env.toml", True)
+    assert config.config_path("/given.toml") == ("/given.toml", True)
+
+
+def test_defaults_in_one_place() -> None:
+    cfg = config.parse('[agent]\nname = "a"\nlisten = "127.0.0.1:8441"\n')
+    assert (cfg.socket, cfg.state_dir, cfg.keys_dir) == (config.DEFAULT_SOCKET, config.DEFAULT_STATE_DIR,
+                                                         config.DEFAULT_KEYS_DIR)

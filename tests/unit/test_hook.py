@@ -25,7 +25,6 @@ from typing import Any
 import pytest
 
 from plugin import cli, hook
-from plugin.errors import ConfigError
 from tests.unit.test_ipc import ServerThread
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -383,6 +382,23 @@ def test_cli_install_uses_the_config_and_uninstalls(tmp_path: Path, capsys: pyte
     assert capsys.readouterr().out == f"no hook at {directory / 'virtsync'}\n"
 
 
+def test_cli_install_refuses_a_broken_config_where_status_ignores_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """One loader, two tolerances: the socket lookup falls back to the default, the hook
+    install refuses rather than bake a default spool path the daemon does not use."""
+    monkeypatch.delenv("VIRTSYNC_SOCKET", raising=False)
+    config = tmp_path / "virtsync.toml"
+    config.write_text('[agent\nstate_dir = "/var/lib/vs-test"\n')
+    monkeypatch.setenv("VIRTSYNC_CONFIG", str(config))
+    directory = tmp_path / "qemu.d"
+    assert cli.main(["hook", "install", "--dir", str(directory)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ConfigError: {config}: not valid TOML") and err.count("\n") == 1
+    assert not directory.exists()
+    args = cli.build_parser().parse_args(["status"])
+    assert cli.resolve_socket(args) == cli.DEFAULT_SOCKET
+
+
 def test_cli_refuses_a_foreign_hook(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "virtsync").write_text("#!/bin/sh\n")
     code = cli.main(["--config", "/nonexistent/virtsync.toml", "--socket", "/a", "hook", "install",
@@ -463,16 +479,3 @@ def test_read_spool_waits_for_a_hook_holding_the_lock(tmp_path: Path) -> None:
     os.close(fd)
     reader.join(5)
     assert [e["domain"] for e in result[0]] == ["a", "b"]
-
-
-def test_state_dir_from_config(tmp_path: Path) -> None:
-    assert hook.state_dir_from_config(str(tmp_path / "none.toml"), explicit=False) == "/var/lib/virtsync"
-    with pytest.raises(ConfigError):
-        hook.state_dir_from_config(str(tmp_path / "none.toml"), explicit=True)
-    cfg = tmp_path / "c.toml"
-    cfg.write_text("[agent]\nstate_dir = 5\n")
-    with pytest.raises(ConfigError, match="state_dir"):
-        hook.state_dir_from_config(str(cfg), explicit=True)
-    cfg.write_text("not toml [")
-    with pytest.raises(ConfigError):
-        hook.state_dir_from_config(str(cfg), explicit=False)
