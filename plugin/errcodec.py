@@ -96,9 +96,12 @@ def _settable(cls: type[PluginError], key: object) -> bool:
             and key not in ("args", "exit_code", "type_name") and not hasattr(getattr(cls, key, None), "__get__"))
 
 
-def decode(error: dict[str, Any], prefix: str = "") -> PluginError:
+def decode(error: dict[str, Any], prefix: str = "",
+           allowed: tuple[type[PluginError], ...] | None = None) -> PluginError:
     """The exception an error object stands for; ``prefix`` goes before its message
-    (the peer link says which peer refused what).
+    (the peer link says which peer refused what). With ``allowed``, a known type outside
+    it arrives as a :class:`RemoteError` (a peer may refuse, but not raise our local
+    control-flow errors, such as a refused cut or an unreachable peer).
 
     A known type is rebuilt as itself, its details as attributes, without calling its
     ``__init__`` (subclasses take extra arguments, which come in the details); an unknown
@@ -110,6 +113,8 @@ def decode(error: dict[str, Any], prefix: str = "") -> PluginError:
     message = prefix + str(error.get("message", ""))[:MAX_MESSAGE]
     exit_code = error.get("exit_code")
     cls = known_types().get(type_name)
+    if cls is not None and allowed is not None and not issubclass(cls, allowed):
+        cls = None
     if type(exit_code) is not int or not 0 <= exit_code <= 255:
         exit_code = cls.exit_code if cls is not None else 1
     if cls is None:

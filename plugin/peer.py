@@ -31,8 +31,11 @@ from aiohttp import web
 
 from . import errcodec, jsonin
 from .domain import PeerSpec
-from .errors import PluginError
+from .errors import ConfigError, JournalError, PluginError, StateConflictError
 from .keys import fingerprint_der
+from .replication.limits import AmbiguousNameError, PeerRequestError
+from .replication.storage_daemon import StorageDaemonError
+from .requests import UsageError
 
 log = logging.getLogger("virtsync.peer")
 MAX_BODY = 1 << 20
@@ -58,6 +61,13 @@ class PeerBadRequestError(PeerError):
     """The peer could not read the request: not a JSON object, too large, or a wrong field."""
 
     exit_code: ClassVar[int] = 2
+
+
+#: What a peer's refusal may arrive as; any other type (a refused cut, an unreachable peer:
+#: errors that steer this agent's own control flow) arrives as a RemoteError.
+PEER_REFUSALS: tuple[type[PluginError], ...] = (
+    PeerAuthError, PeerBadRequestError, PeerRequestError, AmbiguousNameError, StateConflictError, JournalError,
+    StorageDaemonError, UsageError, ConfigError)
 
 
 def _refusal(exc: PluginError, status: int) -> web.Response:
@@ -227,7 +237,8 @@ class PeerClient:
             # .required), so a caller can tell one refusal from another.
             if not isinstance(data["error"], dict):
                 raise PeerError(f"peer {self.spec.name} refused {op}: malformed error")
-            raise errcodec.decode(data["error"], prefix=f"peer {self.spec.name} refused {op}: ")
+            raise errcodec.decode(data["error"], prefix=f"peer {self.spec.name} refused {op}: ",
+                                  allowed=PEER_REFUSALS)
         return data.get("result")
 
     async def close(self) -> None:

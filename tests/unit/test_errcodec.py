@@ -147,3 +147,23 @@ def test_the_peer_apis_own_refusals_are_typed() -> None:
 
     out = peer_refusals({"fine": fine}, {"fine": {}}, identify=lambda request: None)
     assert type(out["fine"]) is peer.PeerAuthError and "not a known peer" in str(out["fine"])
+
+
+def test_a_peer_cannot_raise_our_control_flow_errors() -> None:
+    """A refused cut steers the supervisor ("marker refused", not a failed cycle), an
+    unreachable peer makes the pairs disconnected: a peer's reply must not pass for either."""
+    from plugin.replication.primary import CutRefusedError, CycleError
+
+    async def refused_cut(body: dict[str, Any], caller: str) -> None:
+        raise CutRefusedError("no guest agent")
+
+    async def unreachable(body: dict[str, Any], caller: str) -> None:
+        raise peer.PeerUnreachableError("cannot reach dr2")
+
+    out = peer_refusals({"open_cycle": refused_cut, "info": unreachable}, {"open_cycle": {}, "info": {}})
+    for op, name in (("open_cycle", "CutRefusedError"), ("info", "PeerUnreachableError")):
+        got = out[op]
+        assert type(got) is errcodec.RemoteError and got.type_name == name, (op, got)
+        assert not isinstance(got, (CycleError, peer.PeerUnreachableError))
+    # The same objects on the local socket keep their types: only the peer link limits them.
+    assert type(over_the_wire(CutRefusedError("no guest agent"))) is CutRefusedError
