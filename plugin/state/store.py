@@ -4,6 +4,13 @@ WAL with ``synchronous=FULL``: a state change is on disk before it is
 acknowledged, so a crash never forgets a marker the primary was told about.
 The same host can be primary for some domains and secondary for others; rows
 carry their ``role``.
+
+The schema carries its version in ``PRAGMA user_version``: version 0 is the
+first released schema (``SCHEMA_V0``), and each entry of ``MIGRATIONS`` moves a
+database one version up, in order, in one transaction with its version bump. A
+new database is built the same way (v0, then every step), so the path an old
+host takes is the path every test takes. A database newer than the code is
+refused: an older agent must not write rows it does not understand.
 """
 
 from __future__ import annotations
@@ -18,10 +25,11 @@ from contextlib import contextmanager
 from typing import Any
 
 from ..domain import BAD_STATES, Marker, Pair, PairEvent, PairState, Protection, next_state
+from ..errors import ConfigError
 
 log = logging.getLogger("virtsync.state")
 
-SCHEMA = """
+SCHEMA_V0 = """
 CREATE TABLE IF NOT EXISTS protections (
     domain_uuid TEXT NOT NULL,
     role TEXT NOT NULL CHECK (role IN ('primary', 'secondary')),
@@ -105,6 +113,48 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 """
 
+# Step N (index N-1) takes a database from version N-1 to N. Append, never edit.
+MIGRATIONS: tuple[str, ...] = (
+    # 1: "generation" meant the last committed marker; the word is kept free
+    # for the switchover's split-brain history.
+    "ALTER TABLE protections RENAME COLUMN generation TO committed_seq",
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def schema_version(db: sqlite3.Connection) -> int:
+    return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+def refuse_newer(db: sqlite3.Connection, path: str) -> int:
+    """The database's schema version; one this code does not know is an error."""
+    version = schema_version(db)
+    if version > SCHEMA_VERSION:
+        raise ConfigError(f"state database {path} has schema version {version}, newer than this virtsync"
+                          f" knows ({SCHEMA_VERSION}): upgrade virtsync or point state_dir elsewhere")
+    return version
+
+
+def migrate(db: sqlite3.Connection, path: str) -> None:
+    """Bring the database at ``path`` to ``SCHEMA_VERSION``, one committed step at a time."""
+    version = refuse_newer(db, path)
+    if version == 0:
+        db.executescript(SCHEMA_V0)  # IF NOT EXISTS: a no-op on a v0 database with its tables
+    while True:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            version = schema_version(db)  # again, under the write lock: another opener may have migrated
+            if version < SCHEMA_VERSION:
+                db.execute(MIGRATIONS[version])
+                db.execute(f"PRAGMA user_version = {version + 1}")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        if version >= SCHEMA_VERSION:
+            return
+        log.info("state database %s migrated to schema version %d", path, version + 1)
+
 
 class Store:
     """Typed access to the state database; every write commits durably."""
@@ -114,10 +164,15 @@ class Store:
         self.path = path
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
+        try:
+            refuse_newer(self._db, path)  # before any PRAGMA: a refused file is left as it was
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            migrate(self._db, path)
+        except BaseException:
+            self._db.close()
+            raise
         os.chmod(path, 0o600)
 
     def close(self) -> None:
@@ -164,7 +219,7 @@ class Store:
         return self._db.execute("SELECT * FROM protections WHERE role = ? ORDER BY domain", (role,)).fetchall()
 
     def set_protection(self, uuid: str, role: str, **values: Any) -> None:
-        allowed = {"suspended", "generation", "domain", "rpo", "segment", "held", "applied", "base_seq", "folding"}
+        allowed = {"suspended", "committed_seq", "domain", "rpo", "segment", "held", "applied", "base_seq", "folding"}
         if not values or set(values) - allowed:
             raise ValueError(f"cannot set {sorted(values)}")
         cols = ", ".join(f"{k} = ?" for k in values)
