@@ -56,7 +56,7 @@ from qemu_blockdev import (
 )
 from qemu_blockdev.transport import QmpTransport
 
-from ..domain import DiskSpec, PairEvent, PairState
+from ..domain import DiskSpec, PairEvent, PairState, Role
 from ..errors import PluginError
 from ..peer import PeerClient
 from ..state import Store
@@ -65,7 +65,7 @@ from .shipper import SHIP_BITMAP, NbdTls, Shipper, add_tls_client, domain_tag
 from .tools import run_tool
 
 log = logging.getLogger("virtsync.primary")
-ROLE = "primary"
+ROLE = Role.PRIMARY
 BITMAP_PREFIX = "vs-g"
 
 

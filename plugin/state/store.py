@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ..domain import BAD_STATES, Marker, Pair, PairEvent, PairState, Protection, next_state
+from ..domain import BAD_STATES, Marker, Pair, PairEvent, PairState, Protection, Role, next_state
 from ..errors import ConfigError
 
 log = logging.getLogger("virtsync.state")
@@ -202,7 +202,7 @@ class Store:
 
     # -- protections --------------------------------------------------------
 
-    def add_protection(self, uuid: str, role: str, domain: str, prot: Protection) -> None:
+    def add_protection(self, uuid: str, role: Role, domain: str, prot: Protection) -> None:
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO protections (domain_uuid, role, domain, peer, segment, rpo, mode, created)"
@@ -210,15 +210,15 @@ class Store:
                 (uuid, role, domain, prot.peer, prot.segment, prot.rpo, prot.mode, time.time()))
             self.audit("protect", uuid, role=role, domain=domain, peer=prot.peer, rpo=prot.rpo)
 
-    def protection(self, uuid: str, role: str) -> sqlite3.Row | None:
+    def protection(self, uuid: str, role: Role) -> sqlite3.Row | None:
         row: sqlite3.Row | None = self._db.execute(
             "SELECT * FROM protections WHERE domain_uuid = ? AND role = ?", (uuid, role)).fetchone()
         return row
 
-    def protections(self, role: str) -> list[sqlite3.Row]:
+    def protections(self, role: Role) -> list[sqlite3.Row]:
         return self._db.execute("SELECT * FROM protections WHERE role = ? ORDER BY domain", (role,)).fetchall()
 
-    def set_protection(self, uuid: str, role: str, **values: Any) -> None:
+    def set_protection(self, uuid: str, role: Role, **values: Any) -> None:
         allowed = {"suspended", "committed_seq", "domain", "rpo", "segment", "held", "applied", "base_seq", "folding"}
         if not values or set(values) - allowed:
             raise ValueError(f"cannot set {sorted(values)}")
@@ -226,7 +226,7 @@ class Store:
         self._db.execute(f"UPDATE protections SET {cols} WHERE domain_uuid = ? AND role = ?",  # noqa: S608
                          (*values.values(), uuid, role))
 
-    def remove_protection(self, uuid: str, role: str) -> None:
+    def remove_protection(self, uuid: str, role: Role) -> None:
         with self.transaction() as db:
             live = db.execute("SELECT target, state FROM pairs WHERE domain_uuid = ? AND role = ? AND state != ?"
                               " ORDER BY target", (uuid, role, PairState.DELETED.value)).fetchall()
@@ -240,7 +240,7 @@ class Store:
 
     # -- pairs --------------------------------------------------------------
 
-    def upsert_pair(self, uuid: str, role: str, domain: str, target: str, peer: str, size: int,
+    def upsert_pair(self, uuid: str, role: Role, domain: str, target: str, peer: str, size: int,
                     state: PairState) -> int:
         """Create or re-create a pair in ``state``; a state change is audited like any other."""
         with self.transaction() as db:
@@ -260,14 +260,14 @@ class Store:
                              (uuid, role, target)).fetchone()
         return int(row["id"])
 
-    def pair_id(self, uuid: str, role: str, target: str) -> int:
+    def pair_id(self, uuid: str, role: Role, target: str) -> int:
         row = self._db.execute("SELECT id FROM pairs WHERE domain_uuid = ? AND role = ? AND target = ?",
                                (uuid, role, target)).fetchone()
         if row is None:
             raise KeyError(f"{uuid}/{target}")
         return int(row["id"])
 
-    def set_pair_state(self, uuid: str, role: str, state: PairState, reason: str = "",
+    def set_pair_state(self, uuid: str, role: Role, state: PairState, reason: str = "",
                        target: str | None = None) -> None:
         """Move the domain's pairs (or one) to ``state``; logged when it changes."""
         rows = self._db.execute(
@@ -283,7 +283,7 @@ class Store:
                     self.audit("pair-state", uuid, target=row["target"], old=row["state"], new=state.value,
                                reason=reason)
 
-    def transition(self, uuid: str, role: str, event: PairEvent, reason: str = "",
+    def transition(self, uuid: str, role: Role, event: PairEvent, reason: str = "",
                    target: str | None = None) -> PairState | None:
         """Apply ``event`` to the domain's pairs (or one) through the state machine.
 
@@ -307,11 +307,11 @@ class Store:
             log.warning("%s%s", "; ".join(entered), f" ({reason})" if reason else "")
         return result
 
-    def set_pair_progress(self, uuid: str, role: str, target: str, done: int, total: int) -> None:
+    def set_pair_progress(self, uuid: str, role: Role, target: str, done: int, total: int) -> None:
         self._db.execute("UPDATE pairs SET bytes_done = ?, bytes_total = ? WHERE domain_uuid = ? AND role = ?"
                          " AND target = ?", (done, total, uuid, role, target))
 
-    def pairs(self, role: str, uuid: str | None = None, *, include_deleted: bool = False) -> list[Pair]:
+    def pairs(self, role: Role, uuid: str | None = None, *, include_deleted: bool = False) -> list[Pair]:
         rows = self._db.execute(
             "SELECT * FROM pairs WHERE role = ? AND (? IS NULL OR domain_uuid = ?) ORDER BY domain, target",
             (role, uuid, uuid)).fetchall()
@@ -334,8 +334,8 @@ class Store:
                 (marker.domain_uuid, marker.seq, marker.cut_time, json.dumps(list(marker.disks)),
                  json.dumps(marker.bytes, sort_keys=True), marker.label, int(marker.apply), int(marker.applied),
                  json.dumps(segments or {}, sort_keys=True), crc, time.time()))
-            db.execute("UPDATE pairs SET last_marker = ? WHERE domain_uuid = ? AND role = 'secondary'",
-                       (marker.seq, marker.domain_uuid))
+            db.execute("UPDATE pairs SET last_marker = ? WHERE domain_uuid = ? AND role = ?",
+                       (marker.seq, marker.domain_uuid, Role.SECONDARY))
             self.audit("marker", marker.domain_uuid, seq=marker.seq, bytes=marker.bytes, label=marker.label)
 
     def set_marker_applied(self, uuid: str, seq: int) -> None:

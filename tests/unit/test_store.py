@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from plugin.domain import Marker, Pair, PairState, Protection
+from plugin.domain import Marker, Pair, PairState, Protection, Role
 from plugin.state import Store
 
 UUID = "0f6b2d1e-6a4c-4d55-9a53-2b8f7a1c9e01"
@@ -120,6 +120,16 @@ def test_set_protection_refuses_unknown_columns(store: Store) -> None:
 def test_bad_role_refused(store: Store) -> None:
     with pytest.raises(sqlite3.IntegrityError):
         store.add_protection(UUID, "tertiary", "web01", Protection(peer="dr1"))
+
+
+def test_every_role_is_one_the_schema_allows(store: Store) -> None:
+    """A Role the CHECK constraint does not know would need a schema step first."""
+    for role in Role:
+        store.add_protection(UUID, role, "web01", Protection(peer="dr1"))
+        row = store.protection(UUID, role)
+        assert row is not None and Role(row["role"]) is role
+        assert [r["domain_uuid"] for r in store.protections(role)] == [UUID]
+    assert [Role(r["detail"]["role"]) for r in reversed(store.audit_log(UUID))] == list(Role)
 
 
 def test_remove_protection_deletes_pairs_and_audits(store: Store) -> None:
