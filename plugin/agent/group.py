@@ -8,14 +8,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..domain import PairState
+from ..domain import PairState, Role
 from ..replication.primary import DomainReplicator
 from ..virt.qmp_bridge import LibvirtQmpTransport
 
 # States of pairs whose cycles run (or are retried).
 LIVE = frozenset({PairState.INITIAL_COPY, PairState.ACTIVE, PairState.BEHIND, PairState.DISCONNECTED,
                   PairState.ERROR})
-PRIMARY = "primary"
+PRIMARY = Role.PRIMARY
 MAX_BACKOFF = 30.0
 
 

@@ -40,7 +40,7 @@ class Status:
             doms.append({"domain": prot["domain"], "peer": prot["peer"], "rpo": prot["rpo"],
                          "state": worst["state"] if worst else "-", "reason": worst["reason"] if worst else "",
                          "lag_seconds": max((pp["lag_seconds"] or 0 for pp in pairs), default=None),
-                         "last_marker": prot["generation"]})
+                         "last_marker": prot["committed_seq"]})
         # Trouble first.
         doms.sort(key=lambda d: severity(PairState(d["state"])) if d["state"] != "-" else len(PairState))
         return {"host": self.parts.cfg.name, "peers": peers, "domains": doms, "replicas": self.parts.sec().replica_status()}

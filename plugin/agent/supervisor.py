@@ -64,7 +64,7 @@ class Supervision:
                                stall_after=self.parts.cfg.stall_after, speed_limit=self.parts.cfg.speed_limit,
                                tls=self.parts.link_tls(prot["peer"]))
         p = Protected(uuid, prot["domain"], rep, qmp)
-        if prot["generation"]:
+        if prot["committed_seq"]:
             p.first_marker.set()
         self.parts.protected[uuid] = p
         p.task = asyncio.create_task(self._supervisor(p), name=f"vs-domain-{p.name}")
@@ -94,7 +94,7 @@ class Supervision:
         elif result.outcome in (offline.Outcome.SHIPPED, offline.Outcome.NOTHING):
             prot = store.protection(p.uuid, PRIMARY)
             store.transition(p.uuid, PRIMARY, PairEvent.STOPPED,
-                             f"{stopped}; replica complete at marker {prot['generation'] if prot else '?'}")
+                             f"{stopped}; replica complete at marker {prot['committed_seq'] if prot else '?'}")
             dlog.info("at stop: %s", result.reason)
         else:
             dlog.info("at stop: nothing shipped: %s", result.reason)

@@ -12,8 +12,9 @@ from .models import (
     PairState,
     PeerSpec,
     Protection,
+    Role,
     label_problem,
 )
 
 __all__ = ["BAD_STATES", "MAX_LABEL", "DiskSpec", "Marker", "Pair", "PairEvent", "PairState", "PeerSpec",
-           "Protection", "label_problem", "next_state", "severity"]
+           "Protection", "Role", "label_problem", "next_state", "severity"]

@@ -6,6 +6,13 @@ import enum
 from dataclasses import dataclass, field
 
 
+class Role(enum.StrEnum):
+    """Which side of a protection this host holds; one host can be both, per domain."""
+
+    PRIMARY = "primary"
+    SECONDARY = "secondary"
+
+
 class PairState(enum.Enum):
     """Lifecycle of a copy pair (one per protected disk); the transitions are
     :func:`plugin.domain.lifecycle.next_state`.

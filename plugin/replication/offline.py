@@ -147,7 +147,7 @@ async def ship_at_stop(rep: DomainReplicator, qsd: QmpTransport, *, label: str =
     :raise CycleError: the cycle failed (rolled back: the bits stay in the image)
     """
     try:
-        crashed = await crashed_disks(rep.disks, _generation(rep))
+        crashed = await crashed_disks(rep.disks, _committed_seq(rep))
     except ImageBusyError as e:
         return StopResult(Outcome.BUSY, str(e))
     if crashed:
@@ -195,7 +195,7 @@ async def _to_the_end(aw: Awaitable[None]) -> None:
 async def _nothing_written(off: DomainReplicator) -> bool:
     """Each disk holds only the generation of the last marker, and it is empty
     (a ship already ran, or the agent restarts while the domain is stopped)."""
-    generation = _generation(off)
+    generation = _committed_seq(off)
     if not generation:
         return False
     by_node = {n.node_name: n for n in await nodes.query_nodes(off.qmp)}
@@ -207,10 +207,10 @@ async def _nothing_written(off: DomainReplicator) -> bool:
     return True
 
 
-def _generation(rep: DomainReplicator) -> int:
+def _committed_seq(rep: DomainReplicator) -> int:
     """The last marker this host knows committed (its bitmap generation)."""
     prot = rep.store.protection(rep.uuid, ROLE)
-    return int(prot["generation"]) if prot else 0
+    return int(prot["committed_seq"]) if prot else 0
 
 
 async def drop_inconsistent(rep: DomainReplicator) -> list[str]:
@@ -240,7 +240,7 @@ async def prepare_start(rep: DomainReplicator, resync: set[str]) -> dict[str, st
     out = {t: "the pair needs a resync" for t in resync if t in rep.targets}
     for target in await drop_inconsistent(rep):
         out.setdefault(target, "its dirty bitmap loaded inconsistent (QEMU did not exit cleanly)")
-    generation = _generation(rep)
+    generation = _committed_seq(rep)
     if generation:
         by_node = {n.node_name: n for n in await nodes.query_nodes(rep.qmp)}
         for disk in rep.disks:

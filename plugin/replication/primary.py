@@ -56,7 +56,7 @@ from qemu_blockdev import (
 )
 from qemu_blockdev.transport import QmpTransport
 
-from ..domain import DiskSpec, PairEvent, PairState
+from ..domain import DiskSpec, PairEvent, PairState, Role
 from ..errors import PluginError
 from ..peer import PeerClient
 from ..state import Store
@@ -65,7 +65,7 @@ from .shipper import SHIP_BITMAP, NbdTls, Shipper, add_tls_client, domain_tag
 from .tools import run_tool
 
 log = logging.getLogger("virtsync.primary")
-ROLE = "primary"
+ROLE = Role.PRIMARY
 BITMAP_PREFIX = "vs-g"
 
 
@@ -195,9 +195,9 @@ class DomainReplicator:
         cycle cut off by that change are swept before the next cycle."""
         self._swept = False
 
-    def _generation(self) -> int:
+    def _committed_seq(self) -> int:
         prot = self.store.protection(self.uuid, ROLE)
-        return int(prot["generation"]) if prot else 0
+        return int(prot["committed_seq"]) if prot else 0
 
     async def reconcile(self) -> int:
         """Make QEMU's bitmaps agree with the secondary's last marker; return it.
@@ -220,7 +220,7 @@ class DomainReplicator:
             # Older generations were frozen for a marker that is now committed.
             for stale in sorted(names - {gen_name(last)}):
                 await bitmaps.remove(self.qmp, disk.node, stale)
-        self.store.set_protection(self.uuid, ROLE, generation=last)
+        self.store.set_protection(self.uuid, ROLE, committed_seq=last)
         repair = info.get("repair")
         if last and isinstance(repair, dict) and repair:
             await self._mark_for_repair(last, repair)
@@ -294,7 +294,7 @@ class DomainReplicator:
     async def dirty_bytes_of(self, target: str) -> int:
         """Bytes of one disk written since the last marker, not yet sent."""
         disk = next(d for d in self.disks if d.target == target)
-        return (await bitmaps.info(self.qmp, disk.node, gen_name(self._generation()))).count
+        return (await bitmaps.info(self.qmp, disk.node, gen_name(self._committed_seq()))).count
 
     async def cycle(self, *, label: str = "", apply: bool = True,
                     on_progress: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
@@ -396,7 +396,7 @@ class DomainReplicator:
                 "uuid": self.uuid, "seq": seq, "cut_time": stats.cut_time, "bytes": stats.bytes,
                 "label": label, "apply": apply})
             # The marker is durable on the secondary: the frozen bits are no longer needed.
-            self.store.set_protection(self.uuid, ROLE, generation=seq)
+            self.store.set_protection(self.uuid, ROLE, committed_seq=seq)
             for disk in self.disks:
                 if disk.target not in full_disks:
                     await bitmaps.remove(self.qmp, disk.node, gen_name(last))
@@ -473,7 +473,7 @@ class DomainReplicator:
             if isinstance(e, PluginError):
                 raise CycleError(f"cycle {seq} of {self.domain} failed: {e}") from e
             raise
-        self.store.set_protection(self.uuid, ROLE, generation=seq)
+        self.store.set_protection(self.uuid, ROLE, committed_seq=seq)
         for disk in self.disks:
             await bitmaps.remove(self.qmp, disk.node, gen_name(last))
         stats.bytes = dict.fromkeys(self.targets, 0)

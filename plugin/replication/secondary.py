@@ -41,7 +41,7 @@ from qemu_blockdev import BlockdevError, commands, nodes
 from qemu_blockdev.transport import QmpTransport
 
 from ..config import Config
-from ..domain import Marker, PairState, Protection, label_problem
+from ..domain import Marker, PairState, Protection, Role, label_problem
 from ..errors import JournalCorruptError, JournalError, PluginError, StateConflictError
 from ..faults import fault_point
 from ..state import Store
@@ -61,7 +61,7 @@ from .nbd_servers import NbdServers, OneServer
 from .tools import run_tool
 
 log = logging.getLogger("virtsync.secondary")
-ROLE = "secondary"
+ROLE = Role.SECONDARY
 
 
 class PeerForbiddenError(PeerRequestError):

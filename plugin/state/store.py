@@ -4,6 +4,13 @@ WAL with ``synchronous=FULL``: a state change is on disk before it is
 acknowledged, so a crash never forgets a marker the primary was told about.
 The same host can be primary for some domains and secondary for others; rows
 carry their ``role``.
+
+The schema carries its version in ``PRAGMA user_version``: version 0 is the
+first released schema (``SCHEMA_V0``), and each entry of ``MIGRATIONS`` moves a
+database one version up, in order, in one transaction with its version bump. A
+new database is built the same way (v0, then every step), so the path an old
+host takes is the path every test takes. A database newer than the code is
+refused: an older agent must not write rows it does not understand.
 """
 
 from __future__ import annotations
@@ -17,11 +24,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ..domain import BAD_STATES, Marker, Pair, PairEvent, PairState, Protection, next_state
+from ..domain import BAD_STATES, Marker, Pair, PairEvent, PairState, Protection, Role, next_state
+from ..errors import ConfigError
 
 log = logging.getLogger("virtsync.state")
 
-SCHEMA = """
+SCHEMA_V0 = """
 CREATE TABLE IF NOT EXISTS protections (
     domain_uuid TEXT NOT NULL,
     role TEXT NOT NULL CHECK (role IN ('primary', 'secondary')),
@@ -105,6 +113,48 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 """
 
+# Step N (index N-1) takes a database from version N-1 to N. Append, never edit.
+MIGRATIONS: tuple[str, ...] = (
+    # 1: "generation" meant the last committed marker; the word is kept free
+    # for the switchover's split-brain history.
+    "ALTER TABLE protections RENAME COLUMN generation TO committed_seq",
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def schema_version(db: sqlite3.Connection) -> int:
+    return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+def refuse_newer(db: sqlite3.Connection, path: str) -> int:
+    """The database's schema version; one this code does not know is an error."""
+    version = schema_version(db)
+    if version > SCHEMA_VERSION:
+        raise ConfigError(f"state database {path} has schema version {version}, newer than this virtsync"
+                          f" knows ({SCHEMA_VERSION}): upgrade virtsync or point state_dir elsewhere")
+    return version
+
+
+def migrate(db: sqlite3.Connection, path: str) -> None:
+    """Bring the database at ``path`` to ``SCHEMA_VERSION``, one committed step at a time."""
+    version = refuse_newer(db, path)
+    if version == 0:
+        db.executescript(SCHEMA_V0)  # IF NOT EXISTS: a no-op on a v0 database with its tables
+    while True:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            version = schema_version(db)  # again, under the write lock: another opener may have migrated
+            if version < SCHEMA_VERSION:
+                db.execute(MIGRATIONS[version])
+                db.execute(f"PRAGMA user_version = {version + 1}")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        if version >= SCHEMA_VERSION:
+            return
+        log.info("state database %s migrated to schema version %d", path, version + 1)
+
 
 class Store:
     """Typed access to the state database; every write commits durably."""
@@ -114,10 +164,15 @@ class Store:
         self.path = path
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
+        try:
+            refuse_newer(self._db, path)  # before any PRAGMA: a refused file is left as it was
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            migrate(self._db, path)
+        except BaseException:
+            self._db.close()
+            raise
         os.chmod(path, 0o600)
 
     def close(self) -> None:
@@ -147,7 +202,7 @@ class Store:
 
     # -- protections --------------------------------------------------------
 
-    def add_protection(self, uuid: str, role: str, domain: str, prot: Protection) -> None:
+    def add_protection(self, uuid: str, role: Role, domain: str, prot: Protection) -> None:
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO protections (domain_uuid, role, domain, peer, segment, rpo, mode, created)"
@@ -155,23 +210,23 @@ class Store:
                 (uuid, role, domain, prot.peer, prot.segment, prot.rpo, prot.mode, time.time()))
             self.audit("protect", uuid, role=role, domain=domain, peer=prot.peer, rpo=prot.rpo)
 
-    def protection(self, uuid: str, role: str) -> sqlite3.Row | None:
+    def protection(self, uuid: str, role: Role) -> sqlite3.Row | None:
         row: sqlite3.Row | None = self._db.execute(
             "SELECT * FROM protections WHERE domain_uuid = ? AND role = ?", (uuid, role)).fetchone()
         return row
 
-    def protections(self, role: str) -> list[sqlite3.Row]:
+    def protections(self, role: Role) -> list[sqlite3.Row]:
         return self._db.execute("SELECT * FROM protections WHERE role = ? ORDER BY domain", (role,)).fetchall()
 
-    def set_protection(self, uuid: str, role: str, **values: Any) -> None:
-        allowed = {"suspended", "generation", "domain", "rpo", "segment", "held", "applied", "base_seq", "folding"}
+    def set_protection(self, uuid: str, role: Role, **values: Any) -> None:
+        allowed = {"suspended", "committed_seq", "domain", "rpo", "segment", "held", "applied", "base_seq", "folding"}
         if not values or set(values) - allowed:
             raise ValueError(f"cannot set {sorted(values)}")
         cols = ", ".join(f"{k} = ?" for k in values)
         self._db.execute(f"UPDATE protections SET {cols} WHERE domain_uuid = ? AND role = ?",  # noqa: S608
                          (*values.values(), uuid, role))
 
-    def remove_protection(self, uuid: str, role: str) -> None:
+    def remove_protection(self, uuid: str, role: Role) -> None:
         with self.transaction() as db:
             live = db.execute("SELECT target, state FROM pairs WHERE domain_uuid = ? AND role = ? AND state != ?"
                               " ORDER BY target", (uuid, role, PairState.DELETED.value)).fetchall()
@@ -185,7 +240,7 @@ class Store:
 
     # -- pairs --------------------------------------------------------------
 
-    def upsert_pair(self, uuid: str, role: str, domain: str, target: str, peer: str, size: int,
+    def upsert_pair(self, uuid: str, role: Role, domain: str, target: str, peer: str, size: int,
                     state: PairState) -> int:
         """Create or re-create a pair in ``state``; a state change is audited like any other."""
         with self.transaction() as db:
@@ -205,14 +260,14 @@ class Store:
                              (uuid, role, target)).fetchone()
         return int(row["id"])
 
-    def pair_id(self, uuid: str, role: str, target: str) -> int:
+    def pair_id(self, uuid: str, role: Role, target: str) -> int:
         row = self._db.execute("SELECT id FROM pairs WHERE domain_uuid = ? AND role = ? AND target = ?",
                                (uuid, role, target)).fetchone()
         if row is None:
             raise KeyError(f"{uuid}/{target}")
         return int(row["id"])
 
-    def set_pair_state(self, uuid: str, role: str, state: PairState, reason: str = "",
+    def set_pair_state(self, uuid: str, role: Role, state: PairState, reason: str = "",
                        target: str | None = None) -> None:
         """Move the domain's pairs (or one) to ``state``; logged when it changes."""
         rows = self._db.execute(
@@ -228,7 +283,7 @@ class Store:
                     self.audit("pair-state", uuid, target=row["target"], old=row["state"], new=state.value,
                                reason=reason)
 
-    def transition(self, uuid: str, role: str, event: PairEvent, reason: str = "",
+    def transition(self, uuid: str, role: Role, event: PairEvent, reason: str = "",
                    target: str | None = None) -> PairState | None:
         """Apply ``event`` to the domain's pairs (or one) through the state machine.
 
@@ -252,11 +307,11 @@ class Store:
             log.warning("%s%s", "; ".join(entered), f" ({reason})" if reason else "")
         return result
 
-    def set_pair_progress(self, uuid: str, role: str, target: str, done: int, total: int) -> None:
+    def set_pair_progress(self, uuid: str, role: Role, target: str, done: int, total: int) -> None:
         self._db.execute("UPDATE pairs SET bytes_done = ?, bytes_total = ? WHERE domain_uuid = ? AND role = ?"
                          " AND target = ?", (done, total, uuid, role, target))
 
-    def pairs(self, role: str, uuid: str | None = None, *, include_deleted: bool = False) -> list[Pair]:
+    def pairs(self, role: Role, uuid: str | None = None, *, include_deleted: bool = False) -> list[Pair]:
         rows = self._db.execute(
             "SELECT * FROM pairs WHERE role = ? AND (? IS NULL OR domain_uuid = ?) ORDER BY domain, target",
             (role, uuid, uuid)).fetchall()
@@ -279,8 +334,8 @@ class Store:
                 (marker.domain_uuid, marker.seq, marker.cut_time, json.dumps(list(marker.disks)),
                  json.dumps(marker.bytes, sort_keys=True), marker.label, int(marker.apply), int(marker.applied),
                  json.dumps(segments or {}, sort_keys=True), crc, time.time()))
-            db.execute("UPDATE pairs SET last_marker = ? WHERE domain_uuid = ? AND role = 'secondary'",
-                       (marker.seq, marker.domain_uuid))
+            db.execute("UPDATE pairs SET last_marker = ? WHERE domain_uuid = ? AND role = ?",
+                       (marker.seq, marker.domain_uuid, Role.SECONDARY))
             self.audit("marker", marker.domain_uuid, seq=marker.seq, bytes=marker.bytes, label=marker.label)
 
     def set_marker_applied(self, uuid: str, seq: int) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from plugin.domain import Marker, Pair, PairState, Protection
+from plugin.domain import Marker, Pair, PairState, Protection, Role
 from plugin.state import Store
 
 UUID = "0f6b2d1e-6a4c-4d55-9a53-2b8f7a1c9e01"
@@ -93,10 +93,10 @@ def test_protection_round_trip(store: Store) -> None:
     row = store.protection(UUID, "primary")
     assert row is not None
     assert (row["domain"], row["peer"], row["segment"], row["rpo"], row["mode"], row["suspended"],
-            row["generation"]) == ("web01", "dr1", "gold", 60, "async", 0, 0)
-    store.set_protection(UUID, "primary", suspended=1, generation=7)
+            row["committed_seq"]) == ("web01", "dr1", "gold", 60, "async", 0, 0)
+    store.set_protection(UUID, "primary", suspended=1, committed_seq=7)
     row = store.protection(UUID, "primary")
-    assert row is not None and (row["suspended"], row["generation"]) == (1, 7)
+    assert row is not None and (row["suspended"], row["committed_seq"]) == (1, 7)
     assert [r["role"] for r in store.protections("secondary")] == ["secondary"]
     assert store.protection(OTHER, "primary") is None
 
@@ -112,7 +112,7 @@ def test_protection_twice_is_refused(store: Store) -> None:
 
 def test_set_protection_refuses_unknown_columns(store: Store) -> None:
     store.add_protection(UUID, "primary", "web01", Protection(peer="dr1"))
-    for values in ({"peer": "x"}, {}, {"domain_uuid": OTHER}, {"generation = 0; DROP TABLE pairs; --": 1}):
+    for values in ({"peer": "x"}, {}, {"domain_uuid": OTHER}, {"generation": 1}, {"generation = 0; DROP TABLE pairs; --": 1}):
         with pytest.raises(ValueError):
             store.set_protection(UUID, "primary", **values)
 
@@ -120,6 +120,16 @@ def test_set_protection_refuses_unknown_columns(store: Store) -> None:
 def test_bad_role_refused(store: Store) -> None:
     with pytest.raises(sqlite3.IntegrityError):
         store.add_protection(UUID, "tertiary", "web01", Protection(peer="dr1"))
+
+
+def test_every_role_is_one_the_schema_allows(store: Store) -> None:
+    """A Role the CHECK constraint does not know would need a schema step first."""
+    for role in Role:
+        store.add_protection(UUID, role, "web01", Protection(peer="dr1"))
+        row = store.protection(UUID, role)
+        assert row is not None and Role(row["role"]) is role
+        assert [r["domain_uuid"] for r in store.protections(role)] == [UUID]
+    assert [Role(r["detail"]["role"]) for r in reversed(store.audit_log(UUID))] == list(Role)
 
 
 def test_remove_protection_deletes_pairs_and_audits(store: Store) -> None:
