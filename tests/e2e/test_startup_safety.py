@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from plugin import cli
-from plugin.errors import PluginError
+from plugin.requests import UsageError
 from tests.lab.agent import LabAgent
 from tests.lab.fixtures import LabPair
 from tests.lab.site import define_domain, make_image, open_site
@@ -78,9 +78,9 @@ def test_a_second_agent_and_a_file_at_the_socket_path_destroy_nothing(lab_pair: 
         # Item 6: a label the secondary would refuse is refused before any cycle is cut.
         markers = site.sec.call("markers", domain=DOMAIN)["markers"]
         for label in ("x" * 129, "bad\nlabel"):
-            with pytest.raises(PluginError, match="at most 128 printable characters") as refusal:
+            with pytest.raises(UsageError, match="at most 128 printable characters") as refusal:
                 agent.call("mark", domain=DOMAIN, label=label)
-            assert (getattr(refusal.value, "type_name", ""), refusal.value.exit_code) == ("UsageError", 2)
+            assert type(refusal.value) is UsageError and refusal.value.exit_code == 2   # arrives typed (errcodec)
         assert site.sec.call("markers", domain=DOMAIN)["markers"] == markers
         assert agent.call("mark", domain=DOMAIN, label="fine")["label"] == "fine"
 
@@ -89,10 +89,10 @@ def test_a_second_agent_and_a_file_at_the_socket_path_destroy_nothing(lab_pair: 
         image.write_text("keep\n")
         for dest, rule in (("/proc/vs-restore", "/proc is a kernel filesystem"), (str(image), "is not a directory"),
                            ("/tmp/a\0b", "cannot hold a NUL character")):
-            with pytest.raises(PluginError) as refusal:
+            with pytest.raises(UsageError) as refusal:
                 site.sec.call("restore", domain=DOMAIN, marker=1, to=dest)
             assert rule in str(refusal.value) and "\n" not in str(refusal.value)
-            assert getattr(refusal.value, "type_name", "") == "UsageError"
+            assert type(refusal.value) is UsageError   # arrives typed (errcodec)
         assert image.read_text() == "keep\n"
 
         agent.stop(signal.SIGTERM)
