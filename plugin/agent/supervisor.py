@@ -25,7 +25,6 @@ from .quiesce import Quiesce
 from .tracking import Tracking
 
 log = logging.getLogger("virtsync.daemon")
-_LIVE = LIVE
 
 
 def _peer_unreachable(e: BaseException) -> bool:
@@ -200,7 +199,7 @@ class Supervision:
                 self._fail_marks(p, self.parts.not_running_error(p, reason))
                 await self._domain_stopped(p, reason)
                 p.stop_handled = True
-            elif any(pair.state in _LIVE for pair in store.pairs(PRIMARY, p.uuid)):
+            elif any(pair.state in LIVE for pair in store.pairs(PRIMARY, p.uuid)):
                 # Handled, but since then resumed, or failed on a lost libvirt: still stopped.
                 store.transition(p.uuid, PRIMARY, PairEvent.STOPPED, f"domain not running ({reason})")
             return False

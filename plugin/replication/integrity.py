@@ -1,5 +1,9 @@
 """Chunk hashes of the replica: what lets the secondary prove what it restores.
 
+One idea, about 640 lines: the hash record's format (header and entries, each with its
+CRC), the three checks that read it (a segment, a base chunk, the layers a view reads)
+and their upkeep at a fold. Nothing here keeps state between calls.
+
 Two kinds of file, two kinds of hash:
 
 - A sealed **segment** never changes, so its file bytes are hashed: one

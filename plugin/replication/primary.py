@@ -1,5 +1,9 @@
 """The primary's replication cycle for one protected domain.
 
+One idea, about 670 lines: one domain's cycle, from the cut to the committed marker,
+and its rollback; the same cycle runs offline from the images after a stop
+(:mod:`.offline`) and marks the chunks the secondary asks to repair dirty before a cut.
+
 Bitmap generations: ``vs-g<N>`` records every write since marker N. Cycle N+1
 is one transaction per domain (so one instant across its disks)::
 

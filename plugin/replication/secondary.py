@@ -19,6 +19,12 @@ restore checks each byte it returns; ``verify`` scrubs a replica. Damage is
 reported (``integrity.json`` in the journal directory, ``markers``, ``status``)
 and repaired from the primary: ``info`` names the damaged chunks the newest
 marker still reads, the primary's next cut sends them again.
+
+Size (~1,000 lines): this module holds three ideas that share the per-replica lock and
+open-cycle table: receiving cycles (prepare, open, commit, abort), the reflecting unit
+(apply, fold, retain, space), and the damage bookkeeping around :mod:`.integrity` (notes,
+scrub, repair ranges, ~300 lines). The last is the next to move out, into a module of
+its own behind the same lock, before the switchover adds promotion here.
 """
 
 from __future__ import annotations
